@@ -1,0 +1,341 @@
+"""Pseudo-labels: the teacher answers every prompt, and its answers become the distillation data.
+
+Output layout (``out_dir``)::
+
+    shard-00000.jsonl        one row per prompt: id, messages (prompt + assistant answer),
+    shard-00000.done.json    prompt/response token counts, finish reason (eos | length)
+    ...                      the .done.json sidecar records what produced the shard
+    manifest.json            written last: counts, token totals, hashes, params, shard list
+
+Why shards: generation is the slow part of the pipeline, so a killed run must not start over.
+Each shard is written atomically with its own seed (``seed + shard index``) and a sidecar naming
+the params, teacher and prompts it came from; a rerun keeps the shards whose sidecar matches and
+generates only the rest, so a resumed run is byte-identical to an uninterrupted one. Shards that
+do not match are deleted first, so a params change can never mix stale answers into the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import time
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Callable
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+SHARD_NAME = "shard-{index:05d}.jsonl"
+DONE_NAME = "shard-{index:05d}.done.json"
+SHARD_FILE = re.compile(r"^shard-(\d{5})\.(jsonl|done\.json)$")
+MANIFEST = "manifest.json"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Everything that changes the generated text; a shard is reused only if these match."""
+
+    max_new_tokens: int
+    batch_size: int
+    shard_size: int
+    seed: int
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k filtering
+    dtype: str = "float32"
+
+    @classmethod
+    def from_cfg(cls, cfg: dict[str, Any], where: str = "pseudo_labels", other_keys: tuple[str, ...] = ()) -> "GenerationParams":
+        """Read and check the params; an unknown key is an error, so a typo cannot silently fall back."""
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(set(cfg) - set(names) - set(other_keys))
+        if unknown:
+            raise PipelineError(f"unknown params {unknown}", where=where, fix=f"use only {sorted([*names, *other_keys])}")
+        values = {}
+        for spec in fields(cls):
+            if spec.name in cfg:
+                values[spec.name] = cfg[spec.name]
+            elif spec.default is MISSING:
+                raise PipelineError(f"param '{spec.name}' is missing", where=f"{where}.{spec.name}", fix=f"set {where}.{spec.name}")
+        params = cls(**values)
+        params._validate(where)
+        return params
+
+    def _validate(self, where: str) -> None:
+        positive = {"max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size, "shard_size": self.shard_size}
+        for name, value in positive.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PipelineError(f"{name} must be a positive integer, got {value!r}", where=f"{where}.{name}")
+        if not isinstance(self.do_sample, bool):
+            raise PipelineError(f"do_sample must be true or false, got {self.do_sample!r}", where=f"{where}.do_sample")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise PipelineError(f"seed must be an integer, got {self.seed!r}", where=f"{where}.seed")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise PipelineError(f"temperature must be > 0, got {self.temperature!r}", where=f"{where}.temperature")
+        if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
+            raise PipelineError(f"top_p must be in (0, 1], got {self.top_p!r}", where=f"{where}.top_p")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise PipelineError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}", where=f"{where}.top_k")
+        if self.dtype not in DTYPES:
+            raise PipelineError(f"dtype must be one of {DTYPES}, got {self.dtype!r}", where=f"{where}.dtype")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: int | str
+    messages: list[dict[str, str]]
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def teacher_sha256(teacher_dir: str | Path) -> str:
+    """Hash of every file that shapes the teacher's answers (weights, config, tokenizer).
+
+    The teacher's own manifest.json is left out: it describes the import (times, versions),
+    and a re-import that yields the same weights must not invalidate finished shards.
+    """
+    teacher_dir = Path(teacher_dir)
+    files = sorted(p for p in teacher_dir.rglob("*") if p.is_file() and p.name != "manifest.json" and not p.name.startswith("."))
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise PipelineError(
+            f"no .safetensors weights in teacher dir {teacher_dir}", where=str(teacher_dir), fix="run `dvc repro teacher` first"
+        )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(teacher_dir).as_posix()}\0{sha256_file(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read prompts.jsonl: each line a conversation (a list of {role, content}) ending with a user turn.
+
+    A line may also be an object {"id": ..., "messages": [...]}; a plain list gets its line index as id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PipelineError(f"prompt file {path} not found", where=str(path), fix="run `dvc repro prompts` first")
+    prompts = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"line is not valid JSON: {exc}", where=where) from exc
+        prompt_id, messages = (row.get("id", len(prompts)), row.get("messages")) if isinstance(row, dict) else (len(prompts), row)
+        _check_conversation(messages, where)
+        prompts.append(Prompt(id=prompt_id, messages=messages))
+    if not prompts:
+        raise PipelineError(
+            f"prompt file {path} holds no prompts", where=str(path), fix="check the prompts stage (params.yaml: prompts) and rerun it"
+        )
+    return prompts
+
+
+def _check_conversation(messages: Any, where: str) -> None:
+    fix = 'each line must be a JSON list of {"role": ..., "content": ...} ending with a user turn'
+    if not isinstance(messages, list) or not messages:
+        raise PipelineError("conversation is not a non-empty list of messages", where=where, fix=fix)
+    for message in messages:
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str) and isinstance(message.get("content"), str)):
+            raise PipelineError(f"malformed message {message!r}", where=where, fix=fix)
+    if messages[-1]["role"] != "user":
+        raise PipelineError(f"conversation ends with a {messages[-1]['role']!r} turn, not 'user'", where=where, fix=fix)
+
+
+def fingerprint(params: GenerationParams, teacher_hash: str, prompts_hash: str) -> str:
+    recorded = {"params": asdict(params), "teacher_sha256": teacher_hash, "prompts_sha256": prompts_hash}
+    return hashlib.sha256(json.dumps(recorded, sort_keys=True).encode()).hexdigest()
+
+
+def load_teacher(teacher_dir: str | Path, dtype: str = "float32"):
+    """Load the teacher for batched generation: left padding, a pad token, a chat template."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher_dir = Path(teacher_dir)
+    if not (teacher_dir / "config.json").exists():
+        raise PipelineError(f"teacher dir {teacher_dir} has no config.json", where=str(teacher_dir), fix="run `dvc repro teacher` first")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    if not tokenizer.chat_template:
+        raise PipelineError("the teacher's tokenizer has no chat template", where=str(teacher_dir), fix="re-import a chat model")
+    tokenizer.padding_side = "left"  # decoder-only: the answer must follow the prompt with no pads between
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
+    model.eval()
+    return model, tokenizer
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def answer_batch(model, tokenizer, prompts: list[Prompt], params: GenerationParams) -> list[dict[str, Any]]:
+    """Generate one answer per prompt in a single left-padded batch; return the output rows."""
+    import torch
+    from transformers import GenerationConfig
+
+    texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
+    # the chat template already wrote any BOS token, so the tokenizer must not add another
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    eos_ids = _eos_ids(model, tokenizer)
+    sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None) if params.do_sample else {}
+    # replace, not merge: generate() would otherwise fill our "default" values from the model's config
+    model.generation_config = GenerationConfig(
+        max_new_tokens=params.max_new_tokens,
+        do_sample=params.do_sample,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos_ids,
+        **sampling,
+    )
+    with torch.inference_mode():
+        output = model.generate(**batch)
+    generated = output[:, batch["input_ids"].shape[1] :].tolist()
+    rows = []
+    for prompt, prompt_len, tokens in zip(prompts, batch["attention_mask"].sum(dim=1).tolist(), generated):
+        stop = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+        answer = tokens if stop is None else tokens[:stop]
+        text = tokenizer.decode(answer, skip_special_tokens=True).strip()
+        rows.append(
+            {
+                "id": prompt.id,
+                "messages": [*prompt.messages, {"role": "assistant", "content": text}],
+                "prompt_tokens": prompt_len,
+                "response_tokens": len(answer),
+                "finish_reason": "length" if stop is None else "eos",
+            }
+        )
+    return rows
+
+
+def _shard_summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rows": len(rows),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in rows),
+        "response_tokens": sum(r["response_tokens"] for r in rows),
+        "finish_reasons": {reason: sum(r["finish_reason"] == reason for r in rows) for reason in ("eos", "length")},
+        "empty_response_ids": [r["id"] for r in rows if not r["messages"][-1]["content"]],
+    }
+
+
+def _remove_stale_shards(out_dir: Path, expected: str, num_shards: int) -> None:
+    """Delete shards (and temp files of killed writes) that this run would not reuse."""
+    for path in out_dir.iterdir():
+        match = SHARD_FILE.match(path.name)
+        if path.name.startswith(".") and path.name.endswith(".tmp"):
+            path.unlink()
+        elif match and _done_record(out_dir, int(match.group(1)), expected, num_shards) is None:
+            path.unlink(missing_ok=True)
+
+
+def _done_record(out_dir: Path, index: int, expected: str, num_shards: int) -> dict[str, Any] | None:
+    """The sidecar of a finished shard, if the shard is intact and came from the same inputs."""
+    shard, done = out_dir / SHARD_NAME.format(index=index), out_dir / DONE_NAME.format(index=index)
+    if index >= num_shards or not shard.exists() or not done.exists():
+        return None
+    try:
+        record = json.loads(done.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("fingerprint") != expected or record.get("sha256") != sha256_file(shard):
+        return None
+    return record
+
+
+def generate_pseudo_labels(
+    prompts_path: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    params: GenerationParams,
+    *,
+    on_shard_written: Callable[[int], None] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Answer every prompt with the teacher, resuming from finished shards; return the manifest.
+
+    ``on_shard_written(index)`` runs after each newly written shard (tests use it to kill a run).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    prompts = read_prompts(prompts_path)
+    teacher_hash, prompts_hash = teacher_sha256(teacher_dir), sha256_file(prompts_path)
+    expected = fingerprint(params, teacher_hash, prompts_hash)
+    num_shards = math.ceil(len(prompts) / params.shard_size)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # a manifest means "complete": it is written last
+    _remove_stale_shards(out_dir, expected, num_shards)
+
+    model = tokenizer = None
+    records = []
+    bar = tqdm(total=len(prompts), unit="prompt", desc="pseudo-labels", disable=not progress, mininterval=2.0)
+    started, new_tokens = time.perf_counter(), 0
+    for index in range(num_shards):
+        record = _done_record(out_dir, index, expected, num_shards)
+        if record is None:
+            if model is None:
+                model, tokenizer = load_teacher(teacher_dir, params.dtype)
+            torch.manual_seed(params.seed + index)
+            shard_prompts = prompts[index * params.shard_size : (index + 1) * params.shard_size]
+            rows = []
+            for start in range(0, len(shard_prompts), params.batch_size):
+                batch_rows = answer_batch(model, tokenizer, shard_prompts[start : start + params.batch_size], params)
+                rows.extend(batch_rows)
+                new_tokens += sum(r["response_tokens"] for r in batch_rows)
+                bar.update(len(batch_rows))
+                bar.set_postfix({"tok/s": f"{new_tokens / (time.perf_counter() - started):.1f}"}, refresh=False)
+            shard = out_dir / SHARD_NAME.format(index=index)
+            atomic_write_text(shard, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            record = {"fingerprint": expected, "sha256": sha256_file(shard), **_shard_summary(rows)}
+            atomic_write_json(out_dir / DONE_NAME.format(index=index), record)
+            if on_shard_written is not None:
+                on_shard_written(index)
+        else:
+            bar.update(record["rows"])
+        records.append({"file": SHARD_NAME.format(index=index), **{k: v for k, v in record.items() if k != "fingerprint"}})
+    bar.close()
+
+    manifest = _manifest(records, params, teacher_hash, prompts_hash, expected)
+    if manifest["empty_responses"]:
+        log.warning("the teacher gave %d empty answers (kept, ids %s)", manifest["empty_responses"], manifest["empty_response_ids"])
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return manifest
+
+
+def _manifest(records, params, teacher_hash, prompts_hash, expected) -> dict[str, Any]:
+    empty_ids = [i for r in records for i in r["empty_response_ids"]]
+    return {
+        "rows": sum(r["rows"] for r in records),
+        "prompt_tokens": sum(r["prompt_tokens"] for r in records),
+        "response_tokens": sum(r["response_tokens"] for r in records),
+        "finish_reasons": {k: sum(r["finish_reasons"][k] for r in records) for k in ("eos", "length")},
+        "empty_responses": len(empty_ids),
+        "empty_response_ids": empty_ids,
+        "teacher_sha256": teacher_hash,
+        "prompts_sha256": prompts_hash,
+        "fingerprint": expected,
+        "params": asdict(params),
+        "shards": [{k: v for k, v in r.items() if k != "empty_response_ids"} for r in records],
+    }
