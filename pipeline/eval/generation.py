@@ -1,0 +1,128 @@
+"""Batched chat generation shared by AlpacaEval, MT-Bench and the local judge.
+
+Prompts are sorted longest-first and left-padded so one batch holds prompts of similar
+length (less padding compute) and the first batch shows the worst-case memory early.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pipeline.errors import PipelineError
+
+Conversation = list[dict[str, str]]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 512
+    batch_size: int = 8
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+    @classmethod
+    def from_params(cls, cfg: dict[str, Any] | None) -> "GenerationConfig":
+        cfg = dict(cfg or {})
+        unknown = set(cfg) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise PipelineError(
+                f"unknown generation params {sorted(unknown)}",
+                where="generation",
+                fix=f"use only {sorted(cls.__dataclass_fields__)}",
+            )
+        return cls(**cfg)
+
+
+def load_chat_model(path: str | Path, dtype: str = "auto", device: str | None = None):
+    """Load a checkpoint and its tokenizer; refuse one without a chat template (prompts would be wrong)."""
+    import pipeline  # noqa: F401  (registers the hybrid model with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise PipelineError(f"{path} is not a model directory (no config.json)", where=str(path))
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if not getattr(tokenizer, "chat_template", None):
+        raise PipelineError(
+            f"the tokenizer in {path} has no chat template",
+            where=f"{path}/tokenizer_config.json",
+            fix="save the tokenizer with a chat_template (the teacher's) before scoring chat benchmarks",
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
+    return model, tokenizer
+
+
+def chat_prompts(tokenizer, conversations: Sequence[Conversation]) -> list[str]:
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+
+
+def _batches_longest_first(prompts: Sequence[str], tokenizer, batch_size: int) -> list[list[int]]:
+    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _encode(tokenizer, prompts: list[str], device) -> dict[str, torch.Tensor]:
+    # the chat template already holds any BOS token, so don't add special tokens twice
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return {k: v.to(device) for k, v in enc.items()}
+
+
+@torch.inference_mode()
+def generate_chat(
+    model, tokenizer, conversations: Sequence[Conversation], gen: GenerationConfig, desc: str = "generate"
+) -> list[str]:
+    """One completion per conversation, in input order."""
+    prompts = chat_prompts(tokenizer, conversations)
+    outputs: list[str] = [""] * len(prompts)
+    sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p) if gen.do_sample else {}
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for idx in _batches_longest_first(prompts, tokenizer, gen.batch_size):
+            enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
+            out = model.generate(
+                **enc,
+                max_new_tokens=gen.max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                do_sample=gen.do_sample,
+                **sampling,
+            )
+            new_tokens = out[:, enc["input_ids"].shape[1] :]
+            for i, text in zip(idx, tokenizer.batch_decode(new_tokens, skip_special_tokens=True)):
+                outputs[i] = text.strip()
+            bar.update(len(idx))
+    return outputs
+
+
+@torch.inference_mode()
+def next_token_logprobs(
+    model, tokenizer, conversations: Sequence[Conversation], labels: Sequence[str], batch_size: int, desc: str
+) -> list[dict[str, float]]:
+    """Log-probability of each label as the first answer token, per conversation.
+
+    A label that the tokenizer splits into several tokens is scored by its first token,
+    which is what an API's ``top_logprobs`` of the first generated token gives too.
+    """
+    label_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
+    prompts = chat_prompts(tokenizer, conversations)
+    scores: list[dict[str, float]] = [{} for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for idx in _batches_longest_first(prompts, tokenizer, batch_size):
+            enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
+            # left padding: positions must count real tokens only, as generate() does
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logits = model(**enc, position_ids=positions).logits[:, -1, :].float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            for row, i in enumerate(idx):
+                scores[i] = {label: logprobs[row, tid].item() for label, tid in label_ids.items()}
+            bar.update(len(idx))
+    return scores
