@@ -19,8 +19,7 @@ from transformers import PreTrainedModel
 from pipeline.errors import PipelineError
 from pipeline.models.configuration_hybrid import MIXER_TYPES, HybridMambaConfig
 from pipeline.models.modeling_hybrid import HybridMambaForCausalLM
-
-SUPPORTED_TEACHER_TYPES = ("llama", "mistral", "qwen2")
+from pipeline.models.teacher import SUPPORTED_TEACHER_TYPES
 
 
 def attention_layers_for_ratio(num_layers: int, ratio: float) -> list[int]:
