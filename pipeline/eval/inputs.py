@@ -71,3 +71,23 @@ def subset(rows: list[Any], limit: int | None, seed: int = 0) -> list[Any]:
         return list(rows)
     keep = sorted(random.Random(seed).sample(range(len(rows)), int(limit)))
     return [rows[i] for i in keep]
+
+
+def mamba_ratio(model_name: str) -> float | None:
+    """The fraction of attention replaced by Mamba for a model name: teacher -> 0.0, "0.5" -> 0.5."""
+    if model_name == "teacher":
+        return 0.0
+    try:
+        return float(model_name)
+    except ValueError:
+        return None
+
+
+def stage_where(ctx: Any) -> str:
+    return f"{ctx.params_path}:{ctx.section_name}"
+
+
+def log_model(ctx: Any, model_name: str, extra: dict[str, Any] | None = None) -> None:
+    """Tag a scoring run with the model and its ``mamba_ratio`` (the MLflow name the report groups by)."""
+    ratio = mamba_ratio(model_name)
+    ctx.log_params({"model": model_name, **({"mamba_ratio": ratio} if ratio is not None else {}), **(extra or {})})
