@@ -1,0 +1,54 @@
+"""Stage ``judge_check``: does our judge rank models like GPT-4 did?
+
+Scores the mirror's shipped outputs of models with public results (AlpacaEval 2 leaderboard;
+the paper's MT-Bench GPT-4 scores, given in params because they exist only in prose) on a
+subset and reports Spearman/Kendall rank correlation. Writes ``data/eval/judge_check/*.json``
+and ``reports/metrics/judge_check.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.io import atomic_write_json
+from pipeline.stage import StageContext, run_stage
+
+OUT_DIR = Path("data/eval/judge_check")
+METRICS_FILE = Path("reports/metrics/judge_check.json")
+
+
+def main(ctx: StageContext) -> None:
+    from pipeline.eval import alpaca_eval, mt_bench
+    from pipeline.eval.inputs import mirror_dir, stage_where
+    from pipeline.eval.judge import judge_spec, load_judge
+
+    cfg, where = ctx.cfg, stage_where(ctx)
+    mirror = mirror_dir(cfg, where)
+    judge = judge_spec(ctx.params.get("judge") or {}, f"{ctx.params_path}:judge")
+    seed = int(cfg.get("seed", 0))
+    metrics: dict[str, float] = {}
+    ctx.log_params({"judge": judge.get("path") or judge.get("model")})
+
+    if cfg.get("alpaca_eval") is not None:
+        spec = cfg["alpaca_eval"]
+        result = alpaca_eval.judge_check(mirror, judge, spec.get("limit"), spec.get("models"), seed)
+        atomic_write_json(OUT_DIR / "alpaca_eval.json", result)
+        for metric in ("length_controlled_winrate", "win_rate"):
+            for stat in ("spearman", "kendall"):
+                if result[metric][stat] is not None:
+                    metrics[f"alpaca_eval/{metric}/{stat}"] = result[metric][stat]
+    if cfg.get("mt_bench") is not None:
+        spec = cfg["mt_bench"]
+        result = mt_bench.judge_check(
+            mirror, load_judge(judge), spec.get("reference_scores") or {}, spec.get("limit"), spec.get("models"), seed
+        )
+        atomic_write_json(OUT_DIR / "mt_bench.json", result)
+        for stat in ("spearman", "kendall"):
+            if result["rank_agreement"][stat] is not None:
+                metrics[f"mt_bench/{stat}"] = result["rank_agreement"][stat]
+    atomic_write_json(METRICS_FILE, metrics)
+    ctx.log_metrics(metrics)
+
+
+if __name__ == "__main__":
+    run_stage("judge_check", main)

@@ -1,0 +1,47 @@
+"""Stage ``lm_eval@<model>``: lm-eval zero-shot suites (+ LAMBADA, MMLU 5-shot) for one checkpoint.
+
+Run as ``python -m stages.lm_eval --key <model>`` (a module, so this file never shadows the
+``lm_eval`` package). Writes ``data/eval/lm_eval/<model>/results.json`` and the small metrics
+file ``reports/metrics/lm_eval_<model>.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.io import atomic_write_json
+from pipeline.stage import StageContext, run_stage
+
+OUT_DIR = Path("data/eval/lm_eval")
+METRICS_DIR = Path("reports/metrics")
+
+
+def main(ctx: StageContext) -> None:
+    from pipeline.eval.inputs import log_model, mirror_dir, model_dir, stage_where
+    from pipeline.eval.lm_eval_tasks import flat_metrics, run_suites
+
+    cfg, where = ctx.cfg, stage_where(ctx)
+    path = model_dir(cfg, ctx.key, where)
+    offline = bool(cfg.get("offline", True))
+    log_model(ctx, ctx.key, {"lm_eval.limit": cfg.get("limit"), "lm_eval.offline": offline})
+    result = run_suites(
+        path,
+        cfg.get("suites") or {},
+        mirror=mirror_dir(cfg, where) if offline else None,
+        offline=offline,
+        limit=cfg.get("limit"),
+        batch_size=cfg.get("batch_size", 8),
+        dtype=str(cfg.get("dtype", "auto")),
+    )
+    result["model"] = ctx.key
+    results_path = OUT_DIR / ctx.key / "results.json"
+    atomic_write_json(results_path, result)
+    metrics = flat_metrics(result)
+    skipped = sorted({t for body in result["suites"].values() for t in body["skipped"]})
+    atomic_write_json(METRICS_DIR / f"lm_eval_{ctx.key}.json", {"model": ctx.key, "skipped": skipped, **metrics})
+    ctx.log_metrics(metrics)
+    ctx.log_artifact(results_path)
+
+
+if __name__ == "__main__":
+    run_stage("lm_eval", main)
