@@ -1,0 +1,162 @@
+"""MLflow tracking: parent/child runs, params/metrics/tags, and DVC hash tags equal to dvc.lock's."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import tracking
+from pipeline.errors import PipelineError
+from pipeline.stage import run_stage
+
+REPO = Path(__file__).resolve().parents[1]
+
+TOY_STAGE = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pipeline.io import atomic_write_text
+    from pipeline.stage import run_stage
+    from pipeline.tracking import log_mamba_ratio
+
+    def main(ctx):
+        out = Path(ctx.cfg["out"])
+        for i in range(ctx.cfg["files"]):
+            atomic_write_text(out / f"part-{i}.txt", Path("input.txt").read_text() * (i + 1))
+        ctx.log_metrics({"toy.files": ctx.cfg["files"]})
+        log_mamba_ratio(ctx, 0.5)
+
+    def summarize(ctx):
+        atomic_write_text("summary.txt", str(len(list(Path("outdir").iterdir()))))
+
+    name = sys.argv.pop(1)
+    run_stage(name, main if name == "make" else summarize)
+    """
+)
+
+DVC_YAML = {
+    "stages": {
+        "make": {
+            "cmd": f"{sys.executable} toy.py make",
+            "deps": ["toy.py", "input.txt"],
+            "params": ["make"],
+            "outs": ["outdir"],
+        },
+        "summarize": {
+            "cmd": f"{sys.executable} toy.py summarize",
+            "deps": ["toy.py", "outdir"],
+            "params": ["summarize"],
+            "outs": ["summary.txt"],
+        },
+    }
+}
+
+
+def sh(*args: str, cwd: Path, env: dict | None = None) -> str:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def toy_repo(tmp_path_factory) -> Path:
+    """A git + DVC repo with two toy stages that go through run_stage, and a private MLflow store."""
+    tmp_path = tmp_path_factory.mktemp("tracking")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    (repo / "toy.py").write_text(TOY_STAGE)
+    (repo / "input.txt").write_text("hello\n")
+    (repo / "params.yaml").write_text(yaml.safe_dump({"make": {"out": "outdir", "files": 2, "lr": {"base": 0.1}}, "summarize": {"x": 1}}))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(DVC_YAML, sort_keys=False))
+    sh("git", "init", "-q", cwd=repo)
+    sh(sys.executable, "-m", "dvc", "init", "-q", cwd=repo)
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "toy", cwd=repo)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        mp.delenv(tracking.PARENT_RUN_ENV, raising=False)
+        mp.chdir(repo)
+        yield repo
+
+
+@pytest.fixture(scope="module")
+def repro_twice(toy_repo) -> Path:
+    dvc_repro(toy_repo)
+    dvc_repro(toy_repo, "--force")
+    return toy_repo
+
+
+def dvc_repro(repo: Path, *args: str, **env: str) -> str:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    return sh(sys.executable, "-m", "dvc", "repro", *args, cwd=repo, env=full_env)
+
+
+def stage_runs(**tags: str):
+    mlflow_client, experiment_id = tracking.client()
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    return mlflow_client, mlflow_client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time ASC"])
+
+
+def test_dvc_repro_nests_stages_under_one_parent_per_invocation(repro_twice):
+    _, stages = stage_runs(**{"pipeline.role": "stage"})
+    _, parents = stage_runs(**{"pipeline.role": "parent"})
+    stages = [r for r in stages if r.data.tags["pipeline.group"].startswith("dvc-")]
+    assert [r.data.tags["stage"] for r in stages] == ["make", "summarize", "make", "summarize"]
+    assert len(parents) == 2 and all(p.data.tags["pipeline.group"].startswith("dvc-") for p in parents)
+    parent_of = [r.data.tags["mlflow.parentRunId"] for r in stages]
+    assert parent_of[0] == parent_of[1] != parent_of[2] == parent_of[3]
+    assert set(parent_of) == {p.info.run_id for p in parents}
+    assert all(r.info.status == "FINISHED" for r in stages)
+
+
+def test_stage_run_records_params_metrics_git_and_dvc_hashes(repro_twice):
+    lock = yaml.safe_load((repro_twice / "dvc.lock").read_text())["stages"]
+    head = sh("git", "rev-parse", "HEAD", cwd=repro_twice).strip()
+
+    for name in ("make", "summarize"):
+        _, runs = stage_runs(stage=name)
+        run = runs[-1]
+        assert {f"dvc.out.{o['path']}": o["md5"] for o in lock[name]["outs"]} == {
+            k: v for k, v in run.data.tags.items() if k.startswith("dvc.out.")
+        }
+        assert {f"dvc.dep.{d['path']}": d["md5"] for d in lock[name]["deps"]} == {
+            k: v for k, v in run.data.tags.items() if k.startswith("dvc.dep.")
+        }
+        assert run.data.tags["git.commit"] == head and run.data.tags["stage.section"] == name
+    assert lock["make"]["outs"][0]["md5"].endswith(".dir")
+    _, runs = stage_runs(stage="make")
+    assert runs[-1].data.params == {"make.out": "outdir", "make.files": "2", "make.lr.base": "0.1", "mamba_ratio": "0.5"}
+    assert runs[-1].data.metrics == {"toy.files": 2.0}
+
+
+def test_flow_parent_from_env_and_manual_runs(repro_twice):
+    toy_repo = repro_twice
+    mlflow_client, experiment_id = tracking.client()
+    parent = tracking.open_parent_run(mlflow_client, experiment_id, "flow", "flow-test", toy_repo)
+    dvc_repro(toy_repo, "--force", **{tracking.PARENT_RUN_ENV: parent})
+
+    _, children = stage_runs(**{"pipeline.group": "flow-test", "pipeline.role": "stage"})
+    assert sorted(r.data.tags["stage"] for r in children) == ["make", "summarize"]
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent}
+
+    def fails(ctx):
+        raise PipelineError("bad input", where="params.yaml:summarize.x")
+
+    with pytest.raises(SystemExit):
+        run_stage("summarize", fails, argv=[])
+    _, (manual,) = stage_runs(**{"pipeline.group": "manual"})
+    assert manual.info.status == "FAILED" and "mlflow.parentRunId" not in manual.data.tags
+
+
+def test_dvc_md5_matches_dvc_format(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    (tmp_path / "d" / "b.txt").write_text("b")
+    (tmp_path / "d" / "sub" / "a.txt").write_text("a")
+    assert tracking.dvc_md5(tmp_path / "d" / "b.txt") == "92eb5ffee6ae2fec3ad71c777531578f"
+    assert tracking.dvc_md5(tmp_path / "d").endswith(".dir") and tracking.dvc_md5(tmp_path / "missing") is None
