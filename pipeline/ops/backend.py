@@ -69,6 +69,12 @@ class KernelUnsupported(Exception):
 
 
 _logged: set[str] = set()
+_last_used: dict[str, str] = {}
+
+
+def last_backend(op: str) -> str | None:
+    """The backend that served the latest call of ``op`` (for benchmarks and debugging)."""
+    return _last_used.get(op)
 
 
 def log_once(message: str, level: int = logging.INFO) -> None:
@@ -157,7 +163,9 @@ def run_kernel(op: str, requested: str | None, device: torch.device, *args: Any,
     chosen = resolve_backend(requested, device)
     for backend in _candidates(op, chosen, device):
         try:
-            return _load(KERNELS[op][backend])(*args, **kwargs)
+            result = _load(KERNELS[op][backend])(*args, **kwargs)
+            _last_used[op] = backend
+            return result
         except KernelUnsupported as exc:
             log_once(f"{op}: backend {backend!r} cannot run this call ({exc}); falling back")
     raise AssertionError(f"no backend served {op}")  # unreachable: reference never declines
