@@ -90,3 +90,14 @@ def test_judge_check_correlates_with_reference_scores():
     result = mt_bench.judge_check(mirror, judge, reference, limit=1, models=models)
     assert result["rank_agreement"]["spearman"] == pytest.approx(1.0)
     assert result["models"]["Mamba2InLlama_1"]["n_failures"] == 1
+
+
+def test_unknown_model_key_and_missing_model_dir_are_clear_errors(tmp_path):
+    from pipeline.errors import PipelineError
+    from pipeline.eval.inputs import model_dir
+
+    cfg = {"models": {"teacher": str(tmp_path / "nowhere")}}
+    with pytest.raises(PipelineError, match="not in the models mapping"):
+        model_dir(cfg, "0.5", "params.yaml:mt_bench")
+    with pytest.raises(PipelineError, match="does not exist"):
+        model_dir(cfg, "teacher", "params.yaml:mt_bench")
