@@ -1,0 +1,229 @@
+"""Progressive distillation of one Mamba ratio: ``distill@0.5`` → ``distill@0.75`` → ``distill@0.875``.
+
+One call of :func:`distill_ratio` does, in order:
+
+1. check everything that can be checked before a model is loaded (params, ratio list, pseudo-labels),
+   then the teacher/student tokenizers and the layer counts;
+2. choose the attention layers to keep (``even`` or ``sensitivity``, nested in the previous ratio's);
+3. build the student from the *previous ratio's trained model* (the teacher for the first ratio):
+   trained Mamba layers are kept, newly converted layers are initialised from their attention;
+4. freeze all but ``trainable``, measure held-out metrics at init, train against the teacher
+   (live, or a top-k logits cache written in a first pass), measure again;
+5. write ``models/distill_<ratio>/`` atomically (weights, config with the kept layers, the teacher's
+   tokenizer files byte for byte, generation config, layer sensitivity scores), the metrics JSON
+   and the plots; then delete the resume folder.
+
+Resume. Checkpoints go to ``models/.distill_<ratio>.resume/``, not into the DVC out: DVC deletes a
+stage's outs before it runs the stage, so checkpoints inside them would not survive a rerun after
+a kill. The resume folder also holds the top-k cache. It is removed after success, so the DVC out
+is clean and the next run starts fresh.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.train.data import collate, packed_rows, padded_rows, plan_steps, read_conversations, split_held_out, tokenize_conversation
+from pipeline.train.evaluate import evaluate
+from pipeline.train.layer_selection import choose_attention_layers, layer_sensitivity
+from pipeline.train.loop import latest_checkpoint, make_accelerator, read_progress, set_trainable, train
+from pipeline.train.params import DistillParams, ratio_name, validate_ratios
+from pipeline.train.targets import OnlineTeacher, build_topk_cache
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+    "vocab.json", "merges.txt", "added_tokens.json", "tokenizer.model",
+)
+SENSITIVITY_FILE = "layer_sensitivity.json"
+INFO_FILE = "distill.json"
+
+
+def model_dir(params: DistillParams, ratio: float) -> Path:
+    return Path(params.models_dir) / f"distill_{ratio_name(ratio)}"
+
+
+def resume_dir(params: DistillParams, ratio: float) -> Path:
+    return Path(params.models_dir) / f".distill_{ratio_name(ratio)}.resume"
+
+
+def source_dir(params: DistillParams, ratio: float) -> Path:
+    """The previous ratio's model, or the teacher for the first ratio."""
+    index = list(params.ratios).index(ratio)
+    return Path(params.teacher_dir) if index == 0 else model_dir(params, params.ratios[index - 1])
+
+
+def check_same_tokenizer(teacher_dir: Path, student_dir: Path, teacher_vocab: int, student_vocab: int) -> None:
+    """The student must read and write the teacher's tokens: same vocab size, same tokenizer files."""
+    if teacher_vocab != student_vocab:
+        raise PipelineError(
+            f"vocab size differs: teacher {teacher_vocab}, student source {student_vocab}",
+            where=str(student_dir), fix="rebuild the previous ratio from this teacher (dvc repro)",
+        )
+    for name in TOKENIZER_FILES:
+        a, b = teacher_dir / name, student_dir / name
+        if a.exists() != b.exists() or (a.exists() and a.read_bytes() != b.read_bytes()):
+            raise PipelineError(
+                f"tokenizer file {name} differs between the teacher ({teacher_dir}) and the student source ({student_dir})",
+                where=str(student_dir / name), fix="rebuild the previous ratio from this teacher (dvc repro)",
+            )
+
+
+def load_model(path: Path, what: str):
+    import pipeline.models  # noqa: F401  (registers the hybrid with the Auto classes)
+    from transformers import AutoModelForCausalLM
+
+    if not (path / "config.json").exists():
+        raise PipelineError(f"{what} {path} has no config.json", where=str(path),
+                            fix="run the stage that writes it first (dvc repro)")
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def prepare_rows(tokenizer, conversations, params: DistillParams):
+    """(train rows, held-out rows) from the conversations, per the layout and held-out params."""
+    train_ids, held_ids = split_held_out(len(conversations), params.held_out, params.seed)
+    tokenized = [tokenize_conversation(tokenizer, c) for c in conversations]
+    train = [tokenized[i] for i in train_ids]
+    train_rows = packed_rows(train, params.seq_len, params.seed) if params.layout == "packing" else padded_rows(train, params.seq_len)
+    held_rows = padded_rows([tokenized[i] for i in held_ids], params.seq_len)
+    if not held_rows:
+        raise PipelineError("no held-out row has an answer token within seq_len", fix="raise distill.held_out or seq_len")
+    return train_rows, held_rows
+
+
+def distill_ratio(
+    ratio: float,
+    params: DistillParams,
+    *,
+    log_params: Callable[[dict[str, Any]], None] | None = None,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Distil one ratio end to end; return the metrics written to ``reports/metrics/distill_<ratio>.json``."""
+    from transformers import AutoTokenizer
+
+    validate_ratios(params.ratios)
+    conversations = read_conversations(params.pseudo_labels_dir)
+    teacher_dir, src_dir = Path(params.teacher_dir), source_dir(params, ratio)
+    teacher = load_model(teacher_dir, "teacher dir").eval().requires_grad_(False)
+    num_layers = teacher.config.num_hidden_layers
+    validate_ratios(params.ratios, num_layers)
+    source = teacher if src_dir == teacher_dir else load_model(src_dir, f"previous ratio's model (distill@{ratio_name(params.ratios[list(params.ratios).index(ratio) - 1])})")
+    check_same_tokenizer(teacher_dir, src_dir, teacher.config.vocab_size, source.config.vocab_size)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    train_rows, held_rows = prepare_rows(tokenizer, conversations, params)
+    plan = plan_steps(train_rows, params.global_batch_size, params.seed, epochs=params.epochs,
+                      max_tokens=params.max_train_tokens, max_steps=params.max_steps)
+
+    scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if params.layer_choice == "sensitivity" else None
+    candidates = getattr(source.config, "attention_layers", None)
+    kept = choose_attention_layers(num_layers, ratio, params.layer_choice, candidates, scores)
+    from pipeline.models.builder import build_hybrid
+
+    mixer_type = None if source is not teacher else params.mixer_type
+    student = build_hybrid(source, kept, mixer_type, seed=params.seed)
+    if source is not teacher:
+        del source
+    trainable = set_trainable(student, params.trainable)
+    exact_ratio = student.config.mamba_ratio
+    if log_params is not None:
+        log_params({"mamba_ratio": exact_ratio, "distill.ratio": ratio, "distill.attention_layers": kept,
+                    "distill.source": str(src_dir), "distill.trainable_parameters": trainable, "distill.plan_steps": len(plan)})
+    log.info("ratio %s: %d/%d layers Mamba (exact ratio %.4f), attention kept in %s, %d trainable parameters, %d steps",
+             ratio_name(ratio), num_layers - len(kept), num_layers, exact_ratio, kept, trainable, len(plan))
+
+    accelerator = make_accelerator(params)
+    state = resume_dir(params, ratio)
+    teacher.to(accelerator.device)
+    student.to(accelerator.device)
+    train_targets, held_targets = teacher_targets(params, teacher, train_rows, held_rows, state, pad_id, accelerator)
+    eval_kwargs = dict(batch_size=params.eval_batch_size, pad_id=pad_id, device=accelerator.device)
+    checkpoint = latest_checkpoint(state)
+    if checkpoint is not None:
+        init_metrics = read_progress(checkpoint)["caller_state"]["init"]
+    else:
+        init_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
+    result = train(student, train_targets, train_rows, plan, params, accelerator=accelerator, state_dir=state, pad_id=pad_id,
+                   caller_state={"init": init_metrics}, on_step=on_step, log_metrics=log_metrics)
+    trained_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
+
+    metrics = {
+        "ratio": ratio, "mamba_ratio": exact_ratio, "attention_layers": kept, "num_layers": num_layers,
+        "layer_choice": params.layer_choice, "layer_sensitivity": scores, "source": str(src_dir),
+        "steps": result.steps, "train_tokens": result.tokens, "resumed_from_step": result.resumed_from,
+        "train_rows": len(train_rows), "held_out_rows": len(held_rows), "trainable_parameters": trainable,
+        "teacher_logits": params.teacher_logits,
+        "held_out": {"init": init_metrics, "trained": trained_metrics},
+        "final_train": result.history[-1] if result.history else None,
+    }
+    write_outputs(accelerator, student, tokenizer, params, ratio, metrics, result.history, scores)
+    if log_metrics is not None and accelerator.is_main_process:
+        log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
+    return metrics
+
+
+def sensitivity_scores(params, teacher, source, src_dir: Path, held_rows, pad_id) -> list[float]:
+    """Scores computed once from the teacher at the first ratio, then read from the previous model dir."""
+    if source is not teacher:
+        path = src_dir / SENSITIVITY_FILE
+        if not path.exists():
+            raise PipelineError(f"{path} is missing, so the layer ranking of the previous ratio is unknown",
+                                where=str(path), fix="rerun the first ratio with layer_choice: sensitivity")
+        return json.loads(path.read_text())["scores"]
+    rows = held_rows[: params.sensitivity_rows]
+    batches = [collate(rows, list(range(s, min(s + params.eval_batch_size, len(rows)))), pad_id)
+               for s in range(0, len(rows), params.eval_batch_size)]
+    return layer_sensitivity(teacher, batches, params.mixer_type, seed=params.seed, temperature=params.temperature)
+
+
+def teacher_targets(params, teacher, train_rows, held_rows, state: Path, pad_id: int, accelerator):
+    if params.teacher_logits == "online":
+        online = OnlineTeacher(teacher, params.temperature)
+        return online, online
+    tag = str(getattr(teacher.config, "_name_or_path", ""))
+    kwargs = dict(k=params.topk, temperature=params.temperature, batch_size=params.eval_batch_size, pad_id=pad_id, teacher_tag=tag)
+    if accelerator.is_main_process:
+        build_topk_cache(teacher, train_rows, state / "teacher_topk_train.pt", **kwargs)
+        build_topk_cache(teacher, held_rows, state / "teacher_topk_held_out.pt", **kwargs)
+    accelerator.wait_for_everyone()
+    caches = (build_topk_cache(teacher, rows, state / f"teacher_topk_{name}.pt", **kwargs)
+              for rows, name in ((train_rows, "train"), (held_rows, "held_out")))
+    train_cache, held_cache = caches
+    teacher.to("cpu")  # the point of the cache: the teacher leaves the accelerator
+    return train_cache, held_cache
+
+
+def write_outputs(accelerator, student, tokenizer, params: DistillParams, ratio: float, metrics, history, scores) -> None:
+    from pipeline.train.plots import plot_layer_choice, plot_loss_curve
+
+    name = ratio_name(ratio)
+    state_dict = accelerator.get_state_dict(student)
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(student)
+        model.config.use_cache = True
+        with atomic_directory(model_dir(params, ratio)) as tmp:
+            model.save_pretrained(tmp, state_dict=state_dict)
+            for file in TOKENIZER_FILES:
+                if (Path(params.teacher_dir) / file).exists():
+                    shutil.copyfile(Path(params.teacher_dir) / file, tmp / file)
+            if scores is not None:
+                atomic_write_json(tmp / "layer_sensitivity.json", {"scores": scores, "metric": "held-out token KL with only this layer converted"})
+            atomic_write_json(tmp / INFO_FILE, {"params": params.as_dict(), **{k: v for k, v in metrics.items() if k != "final_train"}})
+        reports = Path(params.reports_dir)
+        atomic_write_json(reports / "metrics" / f"distill_{name}.json", metrics)
+        atomic_write_json(reports / "metrics" / f"distill_{name}_history.json", history)
+        plot_loss_curve(history, reports / "plots" / f"distill_{name}_loss.png", f"distill@{name}: loss per step")
+        plot_layer_choice(metrics["num_layers"], metrics["attention_layers"], scores,
+                          reports / "plots" / f"distill_{name}_layers.png", f"distill@{name}: attention layers kept")
+        shutil.rmtree(resume_dir(params, ratio), ignore_errors=True)
+    accelerator.wait_for_everyone()
