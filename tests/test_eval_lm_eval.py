@@ -71,3 +71,11 @@ def test_missing_task_file_is_a_clear_error(tmp_path):
     with pytest.raises(PipelineError, match="lm-eval task file .* not found") as err:
         resolve_offline_tasks(tmp_path / "mirror", tmp_path / "out", TASKS_DIR)
     assert "data_mirror" in str(err.value)
+
+
+def test_only_requested_tasks_need_their_files(tmp_path):
+    mirror = tmp_path / "mirror" / "lm_eval" / "llm_foundry_format"
+    mirror.mkdir(parents=True)
+    (mirror / "piqa.jsonl").write_text('{"query": "Question: q\\n", "choices": ["a", "b"], "gold": 0}\n')
+    resolved = resolve_offline_tasks(tmp_path / "mirror", tmp_path / "out", TASKS_DIR, required={"piqa", "race", "mmlu"})
+    assert set(resolved) == {"piqa"}  # race has no config, mmlu no CSVs: both end up skipped

@@ -57,10 +57,13 @@ def _mmlu_subjects(mirror: Path) -> list[str]:
     return sorted(p.name[: -len("_test.csv")] for p in (mirror / "lm_eval" / "mmlu" / "test").glob("*_test.csv"))
 
 
-def resolve_offline_tasks(mirror: Path, out_dir: Path, tasks_dir: Path = TASKS_DIR) -> dict[str, Path]:
+def resolve_offline_tasks(
+    mirror: Path, out_dir: Path, tasks_dir: Path = TASKS_DIR, required: set[str] | None = None
+) -> dict[str, Path]:
     """Write the shipped task YAMLs with the mirror path filled in; return task name -> YAML.
 
-    Raises a PipelineError naming the YAML when a data file it reads is missing.
+    Raises a PipelineError naming the YAML when a data file of a ``required`` task (default:
+    every shipped task) is missing, so a broken mirror fails loudly instead of scoring less.
     """
     mirror = Path(mirror).resolve()
     resolved: dict[str, Path] = {}
@@ -75,6 +78,9 @@ def resolve_offline_tasks(mirror: Path, out_dir: Path, tasks_dir: Path = TASKS_D
         config = yaml.safe_load(text) if src.suffix == ".yaml" else None
         if not isinstance(config, dict):
             continue
+        name = config.get("group") or config.get("task")
+        if not isinstance(name, str) or (required is not None and name not in required):
+            continue
         for data_file in _data_files(config):
             if not Path(data_file).is_file():
                 raise PipelineError(
@@ -82,9 +88,7 @@ def resolve_offline_tasks(mirror: Path, out_dir: Path, tasks_dir: Path = TASKS_D
                     where=str(src),
                     fix="point data_mirror at shared/data, or drop the task from the suite",
                 )
-        name = config.get("group") or config.get("task")
-        if isinstance(name, str):
-            resolved[name] = dst
+        resolved[name] = dst
     template = (tasks_dir / MMLU_TEMPLATE).read_text()
     subjects = _mmlu_subjects(mirror)
     for subject in subjects:
@@ -138,7 +142,8 @@ def run_suites(
         if offline:
             if mirror is None:
                 raise PipelineError("offline lm-eval needs the data mirror", where="lm_eval.data_mirror")
-            available = resolve_offline_tasks(mirror, tmp, tasks_dir)
+            requested = {t for spec in suites.values() for t in spec.get("tasks") or []}
+            available = resolve_offline_tasks(mirror, tmp, tasks_dir, required=requested)
             manager = TaskManager(include_path=str(tmp), include_defaults=False)
         else:
             available, manager = None, TaskManager()
