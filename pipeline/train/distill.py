@@ -112,12 +112,15 @@ def distill_ratio(
     from transformers import AutoTokenizer
 
     validate_ratios(params.ratios)
+    if ratio not in params.ratios:
+        raise PipelineError(f"ratio {ratio} is not in distill.ratios {list(params.ratios)}",
+                            fix="add it to params.yaml distill.ratios, which orders the progression")
     conversations = read_conversations(params.pseudo_labels_dir)
     teacher_dir, src_dir = Path(params.teacher_dir), source_dir(params, ratio)
     teacher = load_model(teacher_dir, "teacher dir").eval().requires_grad_(False)
     num_layers = teacher.config.num_hidden_layers
     validate_ratios(params.ratios, num_layers)
-    source = teacher if src_dir == teacher_dir else load_model(src_dir, f"previous ratio's model (distill@{ratio_name(params.ratios[list(params.ratios).index(ratio) - 1])})")
+    source = teacher if src_dir == teacher_dir else load_model(src_dir, "the previous ratio's model dir")
     check_same_tokenizer(teacher_dir, src_dir, teacher.config.vocab_size, source.config.vocab_size)
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -125,15 +128,8 @@ def distill_ratio(
     plan = plan_steps(train_rows, params.global_batch_size, params.seed, epochs=params.epochs,
                       max_tokens=params.max_train_tokens, max_steps=params.max_steps)
 
-    scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if params.layer_choice == "sensitivity" else None
-    candidates = getattr(source.config, "attention_layers", None)
-    kept = choose_attention_layers(num_layers, ratio, params.layer_choice, candidates, scores)
-    from pipeline.models.builder import build_hybrid
-
-    mixer_type = None if source is not teacher else params.mixer_type
-    student = build_hybrid(source, kept, mixer_type, seed=params.seed)
-    if source is not teacher:
-        del source
+    student, kept, scores = build_student(params, ratio, teacher, source, held_rows, pad_id)
+    source = None  # the student holds copies of everything it needs
     trainable = set_trainable(student, params.trainable)
     exact_ratio = student.config.mamba_ratio
     if log_params is not None:
@@ -170,6 +166,23 @@ def distill_ratio(
     if log_metrics is not None and accelerator.is_main_process:
         log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
     return metrics
+
+
+def build_student(params: DistillParams, ratio: float, teacher, source, held_rows, pad_id: int):
+    """(student, kept attention layers, sensitivity scores or None), built from ``source``.
+
+    ``source`` is the teacher for the first ratio, else the previous ratio's trained hybrid: its Mamba
+    layers are kept as trained, and attention layers it still has but this ratio drops are initialised
+    from their attention weights. The kept layers are chosen among ``source``'s attention layers.
+    """
+    from pipeline.models.builder import build_hybrid
+
+    src_dir = source_dir(params, ratio)
+    scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if params.layer_choice == "sensitivity" else None
+    candidates = getattr(source.config, "attention_layers", None)
+    kept = choose_attention_layers(teacher.config.num_hidden_layers, ratio, params.layer_choice, candidates, scores)
+    mixer_type = params.mixer_type if source is teacher else None  # a hybrid source fixes its mixer type
+    return build_hybrid(source, kept, mixer_type, seed=params.seed), kept, scores
 
 
 def sensitivity_scores(params, teacher, source, src_dir: Path, held_rows, pad_id) -> list[float]:
