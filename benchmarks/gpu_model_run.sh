@@ -11,6 +11,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
-python3 benchmarks/kernel_parity.py --out "$OUT/kernel_parity.json" 2>&1 | tee "$OUT/kernel_parity.txt" || status=1
-python3 benchmarks/model_speed.py "$@" --out "$OUT/model_speed.json" 2>&1 | tee "$OUT/model_speed.txt" || status=1
+timeout ${PARITY_TIMEOUT:-330} python3 benchmarks/kernel_parity.py ${PARITY_ARGS:-} --out "$OUT/kernel_parity.json" 2>&1 | tee "$OUT/kernel_parity.txt" || status=1
+timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/model_speed.py "$@" --out "$OUT/model_speed.json" 2>&1 | tee "$OUT/model_speed.txt" || status=1
 exit $status

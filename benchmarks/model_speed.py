@@ -67,12 +67,15 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--backends", default="mamba_ssm,fla,reference", help="comma-separated, those present are run")
+    parser.add_argument("--mixers", default="mamba2,mamba1")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
     teacher = LlamaForCausalLM(LlamaConfig(**SMOLLM2, attn_implementation="sdpa")).cuda().to(torch.bfloat16)
     n_layers = teacher.config.num_hidden_layers
-    backends = [b for b in ("mamba_ssm", "fla", "reference") if ops.backend.unavailable_reason(b, torch.device("cuda")) is None]
+    wanted = args.backends.split(",")
+    backends = [b for b in wanted if ops.backend.unavailable_reason(b, torch.device("cuda")) is None]
     rows = []
 
     def record(name, backend, mixer, model):
@@ -87,7 +90,7 @@ def main() -> None:
     record("teacher", "-", "-", teacher)
     for backend in backends:
         os.environ[ops.ENV_VAR] = backend
-        for mixer in ("mamba2", "mamba1"):
+        for mixer in args.mixers.split(","):
             if mixer == "mamba1" and backend == "reference":
                 continue  # the reference selective scan materialises (b, l, d, n) states: not a GPU path
             for ratio in (0.5, 0.75, 0.875):
