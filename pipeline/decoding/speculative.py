@@ -1,0 +1,390 @@
+"""Plain and speculative generation for the hybrids (and Llama-family teachers), batch > 1 included.
+
+Speculative decoding (Leviathan et al. 2023; Chen et al. 2023), as used by "The Mamba in the
+Llama": each round the draft proposes K tokens one by one, the target scores
+``[last token, d_1 … d_K]`` in one block, and a prefix of the drafts is accepted:
+
+* greedy: ``d_i`` is accepted while it equals the target's argmax, and the target's argmax after
+  the accepted prefix is appended, so the output equals the target's own greedy decoding token
+  for token (lossless);
+* sampling: ``d_i ~ q_i`` is accepted with probability ``min(1, p_i(d_i) / q_i(d_i))``; at the first
+  rejection a token is drawn from ``norm(max(0, p_i − q_i))``; after K acceptances a bonus token is
+  drawn from ``p_{K+1}``. Every emitted token then follows the target's (warped) distribution.
+
+Rows accept different numbers of tokens. Both models run on a static cache with a length per
+row (:mod:`pipeline.decoding.static_cache`), so "rolling back" a row is committing only its
+kept tokens: attention forgets the rejected slots through the length mask, Mamba layers replay
+only the accepted steps. The draft is rolled back by a snapshot taken after its first block,
+and next round re-reads the accepted drafts together with the new token as one block (cheap,
+and it leaves the draft with exactly the target's context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.decoding.graphs import DecodeSession
+from pipeline.errors import PipelineError
+
+
+# --- sampling ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is chosen from logits; the same warping applies to target and draft."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.do_sample and not self.temperature > 0:
+            raise PipelineError(f"temperature {self.temperature} must be > 0 when sampling", fix="use e.g. 0.7 or 1.0")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise PipelineError(f"top_p {self.top_p} must lie in (0, 1] and top_k {self.top_k} be >= 0")
+
+    def probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """Warped distribution (float32) over the last dim: temperature, then top-k, then top-p."""
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cum = sorted_logits.softmax(-1).cumsum(-1)
+            drop_sorted = cum - sorted_logits.softmax(-1) >= self.top_p  # keep the smallest prefix reaching top_p
+            drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+            logits = logits.masked_fill(drop, float("-inf"))
+        return logits.softmax(-1)
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """One token per row of logits (b, V)."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        return torch.multinomial(self.probs(logits), 1, generator=generator).squeeze(-1)
+
+
+GREEDY = Sampling()
+
+
+# --- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SpeculativeStats:
+    """Counts over (row, round) pairs of rows still generating."""
+
+    rounds: int = 0  # target verification calls
+    row_rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens emitted per verification (accepted drafts + the target's own token)."""
+        return (self.accepted + self.row_rounds) / self.row_rounds if self.row_rounds else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "rounds": self.rounds,
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_accepted_length": self.mean_accepted_length,
+        }
+
+
+@dataclass
+class GenerationResult:
+    """New tokens only: ``tokens[r, :num_tokens[r]]`` (EOS included), ``pad_token_id`` after."""
+
+    tokens: torch.Tensor
+    num_tokens: torch.Tensor
+    stats: SpeculativeStats | None = None
+
+    def rows(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.num_tokens.tolist())]
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+
+def _id_set(value) -> set[int]:
+    if value is None:
+        return set()
+    return {int(value)} if isinstance(value, int) else {int(v) for v in value}
+
+
+def check_draft(target, draft, k: int, target_tokenizer=None, draft_tokenizer=None) -> None:
+    """Refuse, before any work, a draft that cannot propose tokens the target understands."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise PipelineError(f"speculative K = {k!r} must be an integer >= 1", where="k / speed.k", fix="use K in 1..8")
+    sizes = {}
+    for name, model in (("target", target), ("draft", draft)):
+        head = model.get_output_embeddings()
+        sizes[name] = (model.config.vocab_size, head.out_features if head is not None else None)
+    if sizes["target"] != sizes["draft"]:
+        raise PipelineError(
+            f"the draft's vocabulary (config size, head rows) {sizes['draft']} differs from the target's {sizes['target']}",
+            fix="use a draft built from the target's teacher (same tokenizer and embeddings)",
+        )
+    for attr in ("eos_token_id", "bos_token_id"):
+        t_ids, d_ids = _id_set(getattr(target.config, attr, None)), _id_set(getattr(draft.config, attr, None))
+        if t_ids and d_ids and t_ids != d_ids:
+            raise PipelineError(f"the draft's {attr} {sorted(d_ids)} differs from the target's {sorted(t_ids)}: another tokenizer")
+    if (target_tokenizer is None) != (draft_tokenizer is None):
+        raise PipelineError("pass both tokenizers or neither", fix="give target_tokenizer and draft_tokenizer")
+    if target_tokenizer is not None:
+        t_vocab, d_vocab = target_tokenizer.get_vocab(), draft_tokenizer.get_vocab()
+        if t_vocab != d_vocab or target_tokenizer.eos_token != draft_tokenizer.eos_token:
+            differing = sorted(set(t_vocab.items()) ^ set(d_vocab.items()))[:3]
+            raise PipelineError(
+                f"the draft's tokenizer differs from the target's (e.g. {differing})",
+                fix="use a draft that shares the target's tokenizer",
+            )
+    t_dev, d_dev = next(target.parameters()).device, next(draft.parameters()).device
+    if t_dev != d_dev:
+        raise PipelineError(f"target on {t_dev} but draft on {d_dev}", fix="move both models to one device")
+
+
+def prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Each row's real tokens (left or right padding removed)."""
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise PipelineError(f"input_ids must be (batch, length) with length >= 1, got {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return list(input_ids)
+    return [row[mask.bool()] for row, mask in zip(input_ids, attention_mask)]
+
+
+def _check_lengths(rows, max_new_tokens: int, session: DecodeSession, margin: int) -> None:
+    if max_new_tokens < 1:
+        raise PipelineError(f"max_new_tokens = {max_new_tokens} must be >= 1")
+    need = max(len(r) for r in rows) + max_new_tokens + margin
+    if need > session.max_length:
+        raise PipelineError(f"prompts + max_new_tokens need {need} slots; the session has {session.max_length}")
+
+
+def required_length(max_prompt: int, max_new_tokens: int, k: int = 0) -> int:
+    """Slots a session needs: prompt, new tokens, and one block past the last commit."""
+    return max_prompt + max_new_tokens + 2 * (k + 1) + 1
+
+
+# --- plain decoding -------------------------------------------------------------------------------
+
+
+class PlainDecoder:
+    """Token-by-token decoding on a static cache (CUDA graph of the one-token step on GPU)."""
+
+    def __init__(self, model, batch_size: int, max_length: int, **session_kwargs):
+        self.session = DecodeSession(model, batch_size, max_length, max_block=1, **session_kwargs)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id=None,
+        pad_token_id: int = 0,
+        sampling: Sampling = GREEDY,
+        generator: torch.Generator | None = None,
+        sync_every: int = 16,
+    ) -> GenerationResult:
+        """Finished rows stop moving (commit 0) but stay in the batch; the host checks every ``sync_every`` steps."""
+        session = self.session
+        rows = prompt_rows(input_ids, attention_mask)
+        _check_lengths(rows, max_new_tokens, session, margin=2)
+        device = session.device
+        eos = torch.tensor(sorted(_id_set(eos_token_id)) or [-1], device=device)
+        tokens = torch.full((len(rows), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        counts = torch.zeros(len(rows), dtype=torch.long, device=device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
+        token = sampling.choose(session.prefill(rows), generator)
+        for step in range(max_new_tokens):
+            live = ~finished
+            tokens[:, step] = torch.where(live, token, pad_token_id)
+            counts += live
+            finished |= torch.isin(token, eos)
+            if step + 1 == max_new_tokens or ((step + 1) % sync_every == 0 and bool(finished.all())):
+                break
+            logits = session.extend(token[:, None])[:, -1]
+            session.commit((~finished).long())
+            token = sampling.choose(logits, generator)
+        return GenerationResult(tokens, counts)
+
+
+# --- speculative decoding -------------------------------------------------------------------------
+
+
+@dataclass
+class _Rows:
+    """Host-side bookkeeping: what each row has emitted and whether it is done."""
+
+    max_new_tokens: int
+    eos: set[int]
+    out: list[list[int]] = field(default_factory=list)
+    done: list[bool] = field(default_factory=list)
+
+    def emit(self, r: int, new_tokens: list[int]) -> None:
+        for tok in new_tokens:
+            self.out[r].append(tok)
+            if tok in self.eos or len(self.out[r]) >= self.max_new_tokens:
+                self.done[r] = True
+                return
+
+
+class SpeculativeDecoder:
+    """A target and a draft, each on its own static session, verifying K drafts per round."""
+
+    def __init__(
+        self,
+        target,
+        draft,
+        k: int,
+        batch_size: int,
+        max_length: int,
+        *,
+        target_tokenizer=None,
+        draft_tokenizer=None,
+        **session_kwargs,
+    ):
+        check_draft(target, draft, k, target_tokenizer, draft_tokenizer)
+        self.k = k
+        self.target = DecodeSession(target, batch_size, max_length, max_block=k + 1, **session_kwargs)
+        self.draft = DecodeSession(draft, batch_size, max_length, max_block=k + 1, **session_kwargs)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        max_new_tokens: int,
+        eos_token_id=None,
+        pad_token_id: int = 0,
+        sampling: Sampling = GREEDY,
+        generator: torch.Generator | None = None,
+    ) -> GenerationResult:
+        k, target, draft = self.k, self.target, self.draft
+        rows = prompt_rows(input_ids, attention_mask)
+        _check_lengths(rows, max_new_tokens, target, margin=2 * (k + 1))
+        b, device = len(rows), target.device
+        book = _Rows(max_new_tokens, _id_set(eos_token_id), [[] for _ in rows], [False] * b)
+        stats = SpeculativeStats()
+
+        last = sampling.choose(target.prefill(rows), generator)  # the target's first token
+        draft.prefill(rows)
+        for r, tok in enumerate(last.tolist()):
+            book.emit(r, [tok])
+        pending, pending_len = last[:, None], torch.ones(b, dtype=torch.long, device=device)
+        slots = torch.arange(k + 1, device=device)
+        while not all(book.done):
+            active = torch.tensor([not d for d in book.done], device=device)
+            drafts, draft_probs = self._propose(pending, pending_len, active, sampling, generator)
+            target_logits = target.extend(torch.cat([last[:, None], drafts], dim=1))
+            accepted, nxt = _accept(target_logits, drafts, draft_probs, sampling, generator)
+            target.commit(torch.where(active, accepted + 1, 0))
+
+            accepted_h, drafts_h, nxt_h = accepted.tolist(), drafts.tolist(), nxt.tolist()
+            stats.rounds += 1
+            for r in range(b):
+                if book.done[r]:
+                    continue
+                stats.row_rounds += 1
+                stats.drafted += k
+                stats.accepted += accepted_h[r]
+                book.emit(r, drafts_h[r][: accepted_h[r]] + [nxt_h[r]])
+            padded = torch.cat([drafts, nxt[:, None]], dim=1)
+            pending = torch.where(slots < accepted[:, None], padded, nxt[:, None])
+            pending_len, last = accepted + 1, nxt
+
+        tokens = torch.full((b, max_new_tokens), pad_token_id, dtype=torch.long)
+        for r, out in enumerate(book.out):
+            tokens[r, : len(out)] = torch.tensor(out, dtype=torch.long)
+        counts = torch.tensor([len(out) for out in book.out])
+        return GenerationResult(tokens.to(device), counts.to(device), stats)
+
+    def _propose(self, pending, pending_len, active, sampling, generator):
+        """K draft tokens (b, K) and, when sampling, their distributions (b, K, V).
+
+        The draft first reads the pending tokens (the accepted drafts and the new token of the
+        last round, ``pending_len[r]`` of them), then proposes one token per step; afterwards it
+        returns to the state after the pending tokens, since the target decides what stays.
+        """
+        draft, k = self.draft, self.k
+        width = k + 1 if draft.use_graphs else int(pending_len.max())
+        block = torch.nn.functional.pad(pending, (0, width - pending.shape[1]))[:, :width]
+        logits = draft.extend(block).gather(1, (pending_len - 1)[:, None, None].expand(-1, 1, draft.model.config.vocab_size))[:, 0]
+        draft.commit(torch.where(active, pending_len, 0))
+        draft.snapshot()
+        tokens, probs = [], []
+        for i in range(k):
+            if sampling.do_sample:
+                q = sampling.probs(logits)
+                probs.append(q)
+                tokens.append(torch.multinomial(q, 1, generator=generator).squeeze(-1))
+            else:
+                tokens.append(logits.argmax(-1))
+            if i + 1 < k:
+                logits = draft.extend(tokens[-1][:, None])[:, 0]
+                draft.commit(torch.ones_like(pending_len))
+        draft.restore()
+        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+
+
+def _accept(target_logits, drafts, draft_probs, sampling: Sampling, generator):
+    """(accepted count (b,), next token (b,)) from target logits (b, K+1, V) and drafts (b, K)."""
+    k = drafts.shape[1]
+    if not sampling.do_sample:
+        best = target_logits.argmax(-1)
+        accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)
+        return accepted, best.gather(1, accepted[:, None]).squeeze(1)
+    p = sampling.probs(target_logits)  # (b, K+1, V)
+    p_d = p[:, :k].gather(-1, drafts[..., None]).squeeze(-1)
+    q_d = draft_probs.gather(-1, drafts[..., None]).squeeze(-1)
+    u = torch.rand(drafts.shape, generator=generator, device=drafts.device)
+    accepted = (u * q_d < p_d).long().cumprod(1).sum(1)
+    at = accepted[:, None, None].expand(-1, 1, p.shape[-1])
+    q_padded = torch.cat([draft_probs, torch.zeros_like(p[:, :1])], dim=1)  # no draft after K: residual = p
+    p_at = p.gather(1, at)[:, 0]
+    residual = (p_at - q_padded.gather(1, at)[:, 0]).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), p_at)
+    return accepted, torch.multinomial(residual, 1, generator=generator).squeeze(-1)
+
+
+# --- one-call helpers -------------------------------------------------------------------------------
+
+
+def generate(model, input_ids, attention_mask=None, *, max_new_tokens: int, **kwargs) -> GenerationResult:
+    """Plain decoding with a session sized for this call (see :class:`PlainDecoder.generate`)."""
+    session_kwargs = {key: kwargs.pop(key) for key in ("cuda_graphs", "compile_mode", "kernels") if key in kwargs}
+    rows = prompt_rows(input_ids, attention_mask)
+    length = required_length(max(len(r) for r in rows), max_new_tokens)
+    decoder = PlainDecoder(model, len(rows), length, **session_kwargs)
+    return decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def speculative_generate(
+    target, draft, input_ids, attention_mask=None, *, k: int, max_new_tokens: int,
+    target_tokenizer=None, draft_tokenizer=None, **kwargs,
+) -> GenerationResult:
+    """Speculative decoding with sessions sized for this call (see :class:`SpeculativeDecoder.generate`)."""
+    check_draft(target, draft, k, target_tokenizer, draft_tokenizer)
+    session_kwargs = {key: kwargs.pop(key) for key in ("cuda_graphs", "compile_mode", "kernels") if key in kwargs}
+    rows = prompt_rows(input_ids, attention_mask)
+    length = required_length(max(len(r) for r in rows), max_new_tokens, k)
+    decoder = SpeculativeDecoder(
+        target, draft, k, len(rows), length,
+        target_tokenizer=target_tokenizer, draft_tokenizer=draft_tokenizer, **session_kwargs,
+    )
+    return decoder.generate(input_ids, attention_mask, max_new_tokens=max_new_tokens, **kwargs)
