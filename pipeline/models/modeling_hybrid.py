@@ -211,18 +211,20 @@ class Mamba2Mixer(nn.Module):
             continuing = cache is not None and cache.has_previous_state
             if padding_mask is not None:
                 xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-            xbc, conv_state = ops.causal_conv1d(
+            xbc = ops.causal_conv1d(
                 xbc,
                 weight,
                 self.conv1d.bias,
                 initial_state=cache.conv_states[self.layer_idx] if continuing else None,
-                return_final_state=True,
+                return_final_state=cache is not None,
                 backend=backend,
             )
+            if cache is not None:
+                xbc, conv_state = xbc
             if padding_mask is not None:
                 xbc = xbc * padding_mask[..., None].to(xbc.dtype)
             x, B, C = self._split_xbc(xbc)
-            y, ssm_state = ops.ssd_scan(
+            y = ops.ssd_scan(
                 x,
                 dt,
                 A,
@@ -231,10 +233,11 @@ class Mamba2Mixer(nn.Module):
                 self.D,
                 chunk_size=self.chunk_size,
                 initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
-                return_final_state=True,
+                return_final_state=cache is not None,
                 backend=backend,
             )
-            if cache is not None:
+            if cache is not None:  # final states are asked for only when kept: fast kernels skip them otherwise
+                y, ssm_state = y
                 cache.conv_states[self.layer_idx].copy_(conv_state)
                 cache.ssm_states[self.layer_idx].copy_(ssm_state)
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
@@ -328,24 +331,27 @@ class Mamba1Mixer(nn.Module):
             continuing = cache is not None and cache.has_previous_state
             if padding_mask is not None:
                 x = x * padding_mask[..., None].to(x.dtype)
-            u, conv_state = ops.causal_conv1d(
+            u = ops.causal_conv1d(
                 x,
                 weight,
                 self.conv1d.bias,
                 initial_state=cache.conv_states[self.layer_idx] if continuing else None,
-                return_final_state=True,
-                backend=backend,
-            )
-            if padding_mask is not None:
-                u = u * padding_mask[..., None].to(u.dtype)
-            y, ssm_state = ops.selective_scan(
-                u, delta, A, B, C, self.D,
-                z=z, delta_bias=self.dt_bias, delta_softplus=True,
-                initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
-                return_final_state=True,
+                return_final_state=cache is not None,
                 backend=backend,
             )
             if cache is not None:
+                u, conv_state = u
+            if padding_mask is not None:
+                u = u * padding_mask[..., None].to(u.dtype)
+            y = ops.selective_scan(
+                u, delta, A, B, C, self.D,
+                z=z, delta_bias=self.dt_bias, delta_softplus=True,
+                initial_state=cache.ssm_states[self.layer_idx] if continuing else None,
+                return_final_state=cache is not None,
+                backend=backend,
+            )
+            if cache is not None:
+                y, ssm_state = y
                 cache.conv_states[self.layer_idx].copy_(conv_state)
                 cache.ssm_states[self.layer_idx].copy_(ssm_state)
         return self.out_proj(y.to(hidden_states.dtype))
