@@ -158,7 +158,8 @@ def distill_ratio(
         "layer_choice": params.layer_choice, "layer_sensitivity": scores, "source": str(src_dir),
         "steps": result.steps, "train_tokens": result.tokens, "resumed_from_step": result.resumed_from,
         "train_rows": len(train_rows), "held_out_rows": len(held_rows), "trainable_parameters": trainable,
-        "teacher_logits": params.teacher_logits,
+        "teacher_logits": params.teacher_logits, "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
         "held_out": {"init": init_metrics, "trained": trained_metrics},
         "final_train": result.history[-1] if result.history else None,
     }

@@ -58,19 +58,28 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def make_accelerator(params: DistillParams, num_processes: int | None = None) -> Accelerator:
-    """An Accelerator whose accumulation makes ``global_batch_size`` on however many processes run."""
+def make_accelerator(params: DistillParams) -> Accelerator:
+    """An Accelerator whose accumulation makes ``global_batch_size`` on however many processes run.
+
+    Without CUDA it is told ``cpu=True``: only then does accelerate treat a ``torchrun`` launch as
+    multi-process CPU training (gloo) instead of N independent single-process runs.
+    """
     from accelerate import PartialState
 
-    world = num_processes or PartialState().num_processes
+    cpu = not torch.cuda.is_available()
+    world = PartialState(cpu=cpu).num_processes
     precision = params.mixed_precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "no"
-    return Accelerator(
+        precision = "no" if cpu else "bf16"
+    accelerator = Accelerator(
+        cpu=cpu,
         gradient_accumulation_steps=params.grad_accumulation(world),
         mixed_precision=precision,
         step_scheduler_with_optimizer=False,
     )
+    if accelerator.state.deepspeed_plugin is not None:  # no dataloader is prepared, so DeepSpeed needs the micro-batch
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = params.micro_batch_size
+    return accelerator
 
 
 def set_trainable(model: torch.nn.Module, trainable: str) -> int:
@@ -195,7 +204,7 @@ def train(
             "kl": float(sums[0]),
             "ce": float(sums[1]),
             "lr": float(lr),
-            "grad_norm": float(grad_norm),
+            "grad_norm": float("nan") if grad_norm is None else float(grad_norm),  # DeepSpeed clips inside
             "tokens": tokens,
             "tokens_per_s": step_tokens / (time.perf_counter() - started),
         }
