@@ -23,11 +23,25 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // t.shape[2], dim=2)
 
 
+def _hopper_backward_is_broken(device: torch.device) -> bool:
+    """fla refuses its gated chunk backward on Hopper with Triton >= 3.4, < 3.7.1 (wrong results
+    there, fla issue #640); seen on the H100 with Triton 3.6. Its forward is fine."""
+    import triton
+
+    version = tuple(int(p) for p in triton.__version__.split("+")[0].split(".")[:3] if p.isdigit())
+    return torch.cuda.get_device_capability(device)[0] == 9 and (3, 4, 0) <= version < (3, 7, 1)
+
+
 def ssd_scan(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, return_final_state=False):
     from fla.ops.simple_gla import chunk_simple_gla
 
     if x.dtype not in _TRITON_DTYPES:
         raise KernelUnsupported(f"fla kernels take fp32/fp16/bf16, got {x.dtype}")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, initial_state)
+    )
+    if needs_grad and _hopper_backward_is_broken(x.device):
+        raise KernelUnsupported("fla's SSD backward is disabled on Hopper with this Triton (needs >= 3.7.1)")
     h = x.shape[2]
     v = (x.float() * dt.float().unsqueeze(-1)).to(x.dtype)
     log_decay = dt.float() * A.float()
