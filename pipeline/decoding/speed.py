@@ -1,0 +1,221 @@
+"""Decoding speed: tokens/s of plain and speculative decoding, acceptance, peak memory, hardware.
+
+Decode speed excludes the prefill: each setting is timed twice, generating N tokens and 1
+token, and ``(N - 1) / (t_N - t_1)`` is the decode rate (the prefill and the first token cancel).
+EOS is off so every row produces N tokens. The first run of each setting is a warm-up (CUDA
+graph capture, compilation, allocator growth) and is not timed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from pipeline.decoding.speculative import PlainDecoder, SpeculativeDecoder, required_length
+
+FALLBACK_TEXT = (
+    "The history of computing is a story of ideas that outgrew the machines they were born on. "
+    "Early engineers wrote programs for one computer at a time, and every new design meant new code. "
+    "Compilers, operating systems and networks changed that, letting people share work across the world. "
+)
+
+
+@dataclass
+class SpeedSettings:
+    k_values: list[int] = field(default_factory=lambda: list(range(1, 9)))
+    prompt_lengths: list[int] = field(default_factory=lambda: [128, 2048, 8192])
+    new_tokens: int = 128
+    plain_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
+    repeats: int = 3
+    cuda_graphs: bool | None = None
+    compile_mode: str | None = None
+    kernels: str = "reference"
+
+    def session_kwargs(self) -> dict[str, Any]:
+        return {"cuda_graphs": self.cuda_graphs, "compile_mode": self.compile_mode, "kernels": self.kernels}
+
+
+def hardware() -> dict[str, Any]:
+    """What the numbers were measured on (recorded beside every result)."""
+    info = {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return info
+
+
+def prompt_ids(tokenizer, texts: list[str], length: int, batch: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+    """(batch, length) prompts: real text when a tokenizer is given (acceptance depends on it), else random ids.
+
+    Rows start at different texts so a batch is not one prompt repeated.
+    """
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(2, vocab_size, (batch, length), generator=g)
+    texts = texts or [FALLBACK_TEXT]
+    rows = []
+    for r in range(batch):
+        ids: list[int] = []
+        i = r
+        while len(ids) < length:
+            ids.extend(tokenizer(texts[i % len(texts)], add_special_tokens=False)["input_ids"])
+            i += 1
+        rows.append(ids[:length])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def decode_rate(run: Callable[[int], Any], new_tokens: int, device: torch.device, repeats: int) -> tuple[float, Any]:
+    """Best-of-``repeats`` decode tokens/s per row of ``run(n)`` (prefill cancelled), and the last result."""
+    run(new_tokens)  # warm-up: graphs, compilation, allocator
+    best, result = float("inf"), None
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        start = time.perf_counter()
+        run(1)
+        _sync(device)
+        mid = time.perf_counter()
+        result = run(new_tokens)
+        _sync(device)
+        best = min(best, (time.perf_counter() - mid) - (mid - start))
+    return (new_tokens - 1) / max(best, 1e-9), result
+
+
+def measure_plain(model, ids: torch.Tensor, settings: SpeedSettings) -> dict[str, float]:
+    device = next(model.parameters()).device
+    batch, length = ids.shape
+    decoder = PlainDecoder(model, batch, required_length(length, settings.new_tokens), **settings.session_kwargs())
+    ids = ids.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate, _ = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
+    return {"tokens_per_s": rate * batch, "tokens_per_s_per_row": rate, "peak_memory_mb": _peak_memory_mb(device)}
+
+
+def measure_speculative(target, draft, ids: torch.Tensor, k: int, settings: SpeedSettings) -> dict[str, float]:
+    device = next(target.parameters()).device
+    batch, length = ids.shape
+    decoder = SpeculativeDecoder(
+        target, draft, k, batch, required_length(length, settings.new_tokens, k), **settings.session_kwargs()
+    )
+    ids = ids.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rate, result = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
+    stats = result.stats
+    return {
+        "tokens_per_s": rate * batch,
+        "acceptance_rate": stats.acceptance_rate,
+        "mean_accepted_length": stats.mean_accepted_length,
+        "peak_memory_mb": _peak_memory_mb(device),
+    }
+
+
+def speed_table(target, draft, settings: SpeedSettings, tokenizer=None, texts: list[str] | None = None, log=print) -> dict[str, Any]:
+    """Plain (every batch size) and speculative (batch 1, every K) decoding at every prompt length.
+
+    Each measurement is guarded: a failure (e.g. out of memory at a long prompt) is recorded
+    as an error string and the table goes on.
+    """
+    vocab = target.config.vocab_size
+    results: dict[str, Any] = {"plain": {}, "speculative": {}, "errors": {}}
+    for length in settings.prompt_lengths:
+        for batch in settings.plain_batch_sizes:
+            key = f"b{batch}_p{length}"
+            try:
+                ids = prompt_ids(tokenizer, texts or [], length, batch, vocab)
+                results["plain"][key] = measure_plain(target, ids, settings)
+                log(f"plain {key}: {results['plain'][key]['tokens_per_s']:.1f} tok/s")
+            except Exception as exc:  # noqa: BLE001 — one failed setting must not hide the others
+                results["errors"][f"plain_{key}"] = f"{type(exc).__name__}: {exc}"
+                log(f"plain {key}: FAILED {exc}")
+        if draft is None:
+            continue
+        ids = prompt_ids(tokenizer, texts or [], length, 1, vocab)
+        for k in settings.k_values:
+            key = f"k{k}_p{length}"
+            try:
+                row = measure_speculative(target, draft, ids, k, settings)
+                plain = results["plain"].get(f"b1_p{length}")
+                if plain:
+                    row["speedup_vs_plain"] = row["tokens_per_s"] / plain["tokens_per_s"]
+                results["speculative"][key] = row
+                log(f"speculative {key}: {row['tokens_per_s']:.1f} tok/s, acceptance {row['acceptance_rate']:.2f}, "
+                    f"mean accepted length {row['mean_accepted_length']:.2f}")
+            except Exception as exc:  # noqa: BLE001
+                results["errors"][f"speculative_{key}"] = f"{type(exc).__name__}: {exc}"
+                log(f"speculative {key}: FAILED {exc}")
+    return results
+
+
+def headline(results: dict[str, Any]) -> dict[str, float]:
+    """The few numbers a report shows: plain batch-1 rate at the shortest prompt, best speculative rate and its K."""
+    out: dict[str, float] = {}
+    plain_b1 = sorted((int(key.split("_p")[1]), row) for key, row in results["plain"].items() if key.startswith("b1_"))
+    if plain_b1:
+        out["tokens_per_second"] = plain_b1[0][1]["tokens_per_s"]
+    spec = results["speculative"]
+    if spec:
+        shortest = min(int(key.split("_p")[1]) for key in spec)
+        rows = {int(key[1:].split("_")[0]): row for key, row in spec.items() if key.endswith(f"_p{shortest}")}
+        best_k = max(rows, key=lambda k: rows[k]["tokens_per_s"])
+        out.update(
+            speculative_tokens_per_second=rows[best_k]["tokens_per_s"],
+            best_k=best_k,
+            acceptance_rate_at_best_k=rows[best_k]["acceptance_rate"],
+        )
+    return out
+
+
+def plot(results: dict[str, Any], title: str, path) -> None:
+    """Speculative tokens/s and acceptance against K per prompt length, plain batch-1 rates as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    lengths = sorted({int(key.split("_p")[1]) for key in list(results["speculative"]) + list(results["plain"])})
+    for i, length in enumerate(lengths):
+        color = f"C{i}"
+        rows = sorted((int(key[1:].split("_")[0]), row) for key, row in results["speculative"].items() if key.endswith(f"_p{length}"))
+        if rows:
+            ks = [k for k, _ in rows]
+            ax_rate.plot(ks, [r["tokens_per_s"] for _, r in rows], "o-", color=color, label=f"speculative, prompt {length}")
+            ax_acc.plot(ks, [r["acceptance_rate"] for _, r in rows], "o-", color=color, label=f"prompt {length}")
+        plain = results["plain"].get(f"b1_p{length}")
+        if plain:
+            ax_rate.axhline(plain["tokens_per_s"], color=color, ls="--", label=f"plain, prompt {length}")
+    ax_rate.set(xlabel="K (draft tokens per round)", ylabel="tokens/s (batch 1)", title=title)
+    ax_acc.set(xlabel="K", ylabel="acceptance rate", ylim=(0, 1.05), title="draft acceptance")
+    for ax in (ax_rate, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,129 @@
+"""Stage ``speed@<model>``: plain and speculative decoding speed of one model (teacher or a ratio).
+
+params.yaml::
+
+    speed:
+      models: *eval_models         # teacher: models/teacher, "0.5": models/dpo_0.5, ...
+      draft_dir: models/draft      # the draft stage's output; shares the teacher's tokenizer
+      prompts_file: data/prompts/prompts.jsonl   # prompt text (acceptance depends on real text)
+      k: [1, 2, 3, 4, 5, 6, 7, 8]
+      prompt_lengths: [128, 2048, 8192]
+      new_tokens: 128
+      plain_batch_sizes: [1, 8]
+      repeats: 3
+      dtype: bfloat16
+      cuda_graphs: true
+      compile_mode: null           # or max-autotune-no-cudagraphs
+      kernels: triton              # Mamba verification: triton (fused replay kernel) or reference
+      cpu:                         # overrides when no GPU: tiny settings so the pipeline still runs
+        k: [1, 2]
+        prompt_lengths: [16]
+        new_tokens: 8
+        plain_batch_sizes: [1, 2]
+        repeats: 1
+        dtype: float32
+
+Writes ``reports/metrics/speed_<model>.json`` (hardware, every setting, a headline) and
+``reports/plots/speed_<model>.png``, and logs the numbers to MLflow as ``speed.<setting>.<metric>``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from pipeline.decoding.speed import SpeedSettings, hardware, headline, plot, speed_table
+from pipeline.errors import PipelineError
+from pipeline.eval.inputs import model_dir
+from pipeline.io import atomic_write_json
+from pipeline.stage import StageContext, run_stage
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, str]:
+    merged = dict(cfg) if on_gpu else {**cfg, **(cfg.get("cpu") or {})}
+    dtype = str(merged.get("dtype", "bfloat16" if on_gpu else "float32"))
+    if dtype not in DTYPES:
+        raise PipelineError(f"dtype {dtype!r} is unknown", where=f"{where}.dtype", fix=f"use one of {sorted(DTYPES)}")
+    ks = [int(k) for k in merged.get("k", range(1, 9))]
+    if not ks or min(ks) < 1:
+        raise PipelineError(f"k = {ks} must list integers >= 1", where=f"{where}.k", fix="use e.g. [1, 2, 4, 8]")
+    settings = SpeedSettings(
+        k_values=ks,
+        prompt_lengths=[int(n) for n in merged.get("prompt_lengths", [128, 2048, 8192])],
+        new_tokens=int(merged.get("new_tokens", 128)),
+        plain_batch_sizes=[int(b) for b in merged.get("plain_batch_sizes", [1, 8])],
+        repeats=int(merged.get("repeats", 3)),
+        cuda_graphs=bool(merged.get("cuda_graphs", True)) if on_gpu else False,
+        compile_mode=merged.get("compile_mode") if on_gpu else None,
+        kernels=str(merged.get("kernels", "triton")) if on_gpu else "reference",
+    )
+    if settings.new_tokens < 2:
+        raise PipelineError("new_tokens must be >= 2 (decode speed is (N-1) tokens over t_N - t_1)", where=f"{where}.new_tokens")
+    return settings, dtype
+
+
+def prompt_texts(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    texts = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            messages = json.loads(line).get("messages") or []
+            texts.extend(m["content"] for m in messages if m.get("role") == "user" and m.get("content"))
+    return texts
+
+
+def main(ctx: StageContext) -> None:
+    import pipeline.models  # noqa: F401  (registers the hybrid with the Auto classes)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    where = f"{ctx.params_path}:speed"
+    on_gpu = torch.cuda.is_available()
+    settings, dtype = settings_for(ctx.cfg, on_gpu, where)
+    target_dir = model_dir(ctx.cfg, ctx.key, where)
+    draft_dir = Path(ctx.cfg.get("draft_dir", "models/draft"))
+    if not (draft_dir / "config.json").is_file():
+        raise PipelineError(f"no draft model in {draft_dir}", where=f"{where}.draft_dir", fix="run `dvc repro draft` first")
+    device = "cuda" if on_gpu else "cpu"
+    if not on_gpu:
+        print(f"speed@{ctx.key}: no GPU — running tiny CPU settings ({where}.cpu); these numbers are not speed results")
+
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[dtype]).to(device).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    texts = prompt_texts(Path(ctx.cfg.get("prompts_file", "data/prompts/prompts.jsonl")))
+
+    results = speed_table(target, draft, settings, tokenizer=tokenizer, texts=texts,
+                          log=lambda line: print(f"speed@{ctx.key}: {line}"))
+    results.update(
+        model=ctx.key,
+        model_dir=str(target_dir),
+        draft_dir=str(draft_dir),
+        hardware=hardware(),
+        tiny_cpu_settings=not on_gpu,
+        dtype=dtype,
+        settings=settings.__dict__,
+        **headline(results),
+    )
+    metrics_path = Path("reports/metrics") / f"speed_{ctx.key}.json"
+    plot_path = Path("reports/plots") / f"speed_{ctx.key}.png"
+    atomic_write_json(metrics_path, results)
+    plot(results, f"speed@{ctx.key} ({results['hardware'].get('gpu', 'CPU')})", plot_path)
+
+    ctx.set_tags({"speed.hardware": results["hardware"].get("gpu", "cpu"), "speed.tiny_cpu_settings": str(not on_gpu)})
+    flat = {f"speed.{kind}.{key}.{name}": float(value)
+            for kind in ("plain", "speculative") for key, row in results[kind].items() for name, value in row.items()}
+    flat.update({f"speed.{name}": float(v) for name, v in headline(results).items()})
+    ctx.log_metrics(flat)
+    ctx.log_artifact(metrics_path)
+    ctx.log_artifact(plot_path)
+    if results["errors"]:
+        print(f"speed@{ctx.key}: {len(results['errors'])} setting(s) failed: {sorted(results['errors'])}")
+
+
+if __name__ == "__main__":
+    run_stage("speed", main)

@@ -1,0 +1,108 @@
+"""Stages ``draft`` and ``speed@<model>`` end to end on CPU (tiny teacher, tiny settings), and the draft builder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+from pipeline.decoding.draft import build_draft, distill_draft, draft_layer_indices
+from pipeline.errors import PipelineError
+from pipeline.models.builder import build_hybrid
+from pipeline.stage import run_stage
+from tests.tiny_teacher import build_tiny_teacher
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_draft_layers_and_copy():
+    assert draft_layer_indices(30, 4) == [0, 10, 19, 29]
+    assert draft_layer_indices(30, 2) == [0, 29]
+    with pytest.raises(PipelineError, match="num_layers"):
+        draft_layer_indices(30, 0)
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    full = build_draft(teacher, 6)
+    ids = torch.randint(0, 50, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(full(ids).logits, teacher(ids).logits, atol=1e-6)
+    draft = build_draft(teacher, 2)
+    assert draft.config.num_hidden_layers == 2 and draft.config.draft_source_layers == [0, 5]
+    assert torch.equal(draft.model.layers[1].mlp.up_proj.weight, teacher.model.layers[5].mlp.up_proj.weight)
+    rows = [torch.randint(0, 50, (12,)).tolist() for _ in range(8)]
+    history = distill_draft(draft, teacher, rows, steps=30, batch_size=4, lr=3e-3, log_every=10)
+    assert history[-1]["kl"] < history[0]["kl"]
+
+
+@pytest.fixture
+def stage_repo(tmp_path, monkeypatch):
+    """A working directory with a tiny teacher, pseudo-labels, a 50% hybrid and params for both stages."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    teacher_dir = build_tiny_teacher(tmp_path / "models/teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir)
+    build_hybrid(teacher, [1]).save_pretrained(tmp_path / "models/dpo_0.5")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "models/dpo_0.5")
+    labels = tmp_path / "data/pseudo_labels"
+    labels.mkdir(parents=True)
+    rows = [{"messages": [{"role": "user", "content": f"question {i}?"}, {"role": "assistant", "content": f"answer {i}."}]}
+            for i in range(6)]
+    (labels / "shard-00000.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    prompts = tmp_path / "data/prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "prompts.jsonl").write_text(json.dumps({"id": "a", "messages": [{"role": "user", "content": "Say hello."}]}) + "\n")
+    params = {
+        "teacher": {"out_dir": "models/teacher"},
+        "pseudo_labels": {"out_dir": "data/pseudo_labels"},
+        "draft": {"out_dir": "models/draft", "num_layers": 1, "cpu_steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-3},
+        "speed": {
+            "models": {"teacher": "models/teacher", "0.5": "models/dpo_0.5"},
+            "draft_dir": "models/draft",
+            "cpu": {"k": [1, 2], "prompt_lengths": [12], "new_tokens": 4, "plain_batch_sizes": [1, 2], "repeats": 1},
+        },
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp_path
+
+
+def test_draft_then_speed_stages_on_cpu(stage_repo, capsys):
+    import stages.draft
+    import stages.speed
+
+    run_stage("draft", stages.draft.main, argv=[])
+    manifest = json.loads((stage_repo / "models/draft/draft_manifest.json").read_text())
+    assert manifest["steps"] == 3 and manifest["source_layers"] == [1]
+    for key in ("teacher", "0.5"):
+        run_stage("speed", stages.speed.main, argv=["--key", key])
+        metrics = json.loads((stage_repo / f"reports/metrics/speed_{key}.json").read_text())
+        assert metrics["tiny_cpu_settings"] is True and metrics["hardware"]["device"] == "cpu"
+        assert not metrics["errors"], metrics["errors"]
+        assert set(metrics["plain"]) == {"b1_p12", "b2_p12"}
+        assert set(metrics["speculative"]) == {"k1_p12", "k2_p12"}
+        for row in metrics["speculative"].values():
+            assert 0 <= row["acceptance_rate"] <= 1 and row["mean_accepted_length"] >= 1 and row["tokens_per_s"] > 0
+        assert metrics["tokens_per_second"] > 0 and metrics["best_k"] in (1, 2)
+        assert (stage_repo / f"reports/plots/speed_{key}.png").stat().st_size > 0
+    assert "tiny CPU settings" in capsys.readouterr().out
+
+
+def test_speed_settings_bad_params_fail_clearly():
+    from stages.speed import settings_for
+
+    settings, dtype = settings_for({"k": [1, 3], "cpu": {"k": [2], "dtype": "float32"}}, on_gpu=False, where="params.yaml:speed")
+    assert settings.k_values == [2] and dtype == "float32" and settings.cuda_graphs is False
+    for bad, match in (({"k": [0, 2]}, "speed.k"), ({"dtype": "int8"}, "speed.dtype"), ({"new_tokens": 1}, "new_tokens")):
+        with pytest.raises(PipelineError, match=match):
+            settings_for(bad, on_gpu=True, where="params.yaml:speed")
