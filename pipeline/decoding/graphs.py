@@ -27,7 +27,8 @@ from pipeline.models.configuration_hybrid import HybridMambaConfig
 
 log = logging.getLogger(__name__)
 
-COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+# Not "reduce-overhead": it would capture CUDA graphs of its own inside ours.
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 def as_hybrid(model) -> torch.nn.Module:
@@ -62,6 +63,7 @@ class DecodeSession:
         if compile_mode not in COMPILE_MODES:
             raise PipelineError(f"unknown compile mode {compile_mode!r}", fix=f"use one of {COMPILE_MODES}")
         self.model = as_hybrid(model)
+        max_length = -(-max_length // 16) * 16  # aligned key length: fused SDPA kernels accept the mask
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cache = StaticHybridCache(self.model.config, batch_size, max_length, max_block, self.dtype, self.device)

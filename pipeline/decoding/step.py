@@ -48,7 +48,15 @@ def _attention(attn, hidden, position_embeddings, mask, positions, cache: Static
     slots = positions[:, None, :, None].expand(b, k.shape[1], t, attn.head_dim)
     keys = cache.keys[attn.layer_idx].scatter_(2, slots, k.to(cache.keys[attn.layer_idx].dtype))
     values = cache.values[attn.layer_idx].scatter_(2, slots, v.to(cache.values[attn.layer_idx].dtype))
-    out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
+    # GQA without copying the KV buffers: the query heads sharing a KV head become extra query
+    # rows of that head (head i = kv head i // rep, as repeat_kv), so any SDPA kernel that takes
+    # a mask can run it, and the mask is repeated per query row instead of the keys per head.
+    kv_heads = keys.shape[1]
+    rep = q.shape[1] // kv_heads
+    q = q.reshape(b, kv_heads, rep * t, attn.head_dim)
+    mask = mask.expand(b, rep, t, mask.shape[-1]).reshape(b, 1, rep * t, mask.shape[-1])
+    out = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask, scale=attn.scaling)
+    out = out.reshape(b, kv_heads * rep, t, attn.head_dim)
     return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
