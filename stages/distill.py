@@ -18,11 +18,11 @@ params.yaml (CPU profile; every key optional, defaults in pipeline/train/params.
       lr: 1.0e-3                    # paper: 8e-5 over many more steps
       betas: [0.9, 0.98]
       weight_decay: 0.0
-      warmup_steps: 3               # paper: 500
+      warmup_steps: 2               # paper: 500
       min_lr_ratio: 0.0
       max_grad_norm: 1.0
       epochs: null
-      max_train_tokens: 12288
+      max_train_tokens: 8192        # 8 steps of 4 x 256 tokens
       max_steps: null
       kl_weight: 1.0
       ce_weight: 0.0                # paper: CE 1 + KL 0.1; the authors' later code uses KL alone

@@ -38,11 +38,11 @@ class DistillParams:
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
-    warmup_steps: int = 3
+    warmup_steps: int = 2
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     epochs: float | None = None
-    max_train_tokens: int | None = 12_288
+    max_train_tokens: int | None = 8_192
     max_steps: int | None = None
     kl_weight: float = 1.0
     ce_weight: float = 0.0
