@@ -1,0 +1,59 @@
+"""Stage ``pseudo_labels``: the teacher answers every prompt; sharded JSONL + manifest under ``out_dir``.
+
+params.yaml::
+
+    pseudo_labels:
+      out_dir: data/pseudo_labels
+      max_new_tokens: 64
+      batch_size: 16
+      shard_size: 16          # prompts per shard: the unit of resume after a kill
+      seed: 0                 # shard i samples with seed + i
+      do_sample: false        # greedy; true uses temperature / top_p / top_k (0 = off)
+      temperature: 0.7
+      top_p: 0.9
+      top_k: 50
+      dtype: float32
+
+Reads the teacher from ``teacher.out_dir`` and the prompts from ``<prompts.out_dir>/prompts.jsonl``.
+The out dir is declared ``persist: true`` in dvc.yaml so a rerun after a kill keeps finished shards;
+the library deletes the shards that were made from other params, teacher or prompts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from pipeline.data.pseudo_labels import MANIFEST, GenerationParams, generate_pseudo_labels
+from pipeline.stage import StageContext, run_stage
+
+
+def main(ctx: StageContext) -> None:
+    params = GenerationParams.from_cfg(ctx.cfg, where=f"{ctx.params_path}:pseudo_labels", other_keys=("out_dir",))
+    teacher_dir = Path(ctx.params.get("teacher", {}).get("out_dir", "models/teacher"))
+    prompts_file = Path(ctx.params.get("prompts", {}).get("out_dir", "data/prompts")) / "prompts.jsonl"
+    out_dir = Path(ctx.cfg.get("out_dir", "data/pseudo_labels"))
+
+    started = time.perf_counter()
+    manifest = generate_pseudo_labels(prompts_file, teacher_dir, out_dir, params)
+    seconds = time.perf_counter() - started
+
+    ctx.set_tags({"pseudo_labels.teacher_sha256": manifest["teacher_sha256"], "pseudo_labels.prompts_sha256": manifest["prompts_sha256"]})
+    ctx.log_metrics(
+        {
+            "pseudo_labels.rows": manifest["rows"],
+            "pseudo_labels.prompt_tokens": manifest["prompt_tokens"],
+            "pseudo_labels.response_tokens": manifest["response_tokens"],
+            "pseudo_labels.finish_eos": manifest["finish_reasons"]["eos"],
+            "pseudo_labels.finish_length": manifest["finish_reasons"]["length"],
+            "pseudo_labels.empty_responses": manifest["empty_responses"],
+            "pseudo_labels.seconds": seconds,
+            "pseudo_labels.prompts_per_second": manifest["rows"] / seconds,
+            "pseudo_labels.tokens_per_second": manifest["response_tokens"] / seconds,
+        }
+    )
+    ctx.log_artifact(out_dir / MANIFEST)
+
+
+if __name__ == "__main__":
+    run_stage("pseudo_labels", main)
