@@ -1,0 +1,179 @@
+"""Prefect flow over the DVC pipeline: one task per DVC stage, run as ``dvc repro --single-item``.
+
+DVC stays the source of truth: the flow never runs a stage's command itself, so DVC still skips
+up-to-date stages, caches outs and writes dvc.lock. The order comes from DVC's own stage graph
+(``dvc.yaml`` with foreach expanded), so ``distill@0.5`` and ``distill@0.25`` run side by side
+when the graph allows (DVC releases its repo lock while a stage command runs; ``--wait-for-lock``
+serialises the short lock/commit steps). The flow opens the MLflow parent run and hands its id to
+every stage via ``PIPELINE_PARENT_RUN_ID`` (see pipeline/tracking.py).
+
+Runs in Prefect's ephemeral mode (no server needed). Prefect state lives in a repo-local,
+git-ignored ``.prefect/``; analytics are off (offline machines log a telemetry error otherwise).
+With a server (``prefect server start --host 127.0.0.1`` and
+``PREFECT_API_URL=http://127.0.0.1:4200/api``) the same command shows up in the UI.
+
+    python -m pipeline.flow [--params params.yaml] [--target STAGE] [--jobs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.tracking import PARENT_RUN_ENV, repo_root
+
+FLOW_NAME = "mamba-in-llama"
+
+
+def prefect_environment(root: Path) -> dict[str, str]:
+    """Settings that keep an offline, 2-core ephemeral run quiet; set before Prefect is imported."""
+    env = {
+        "PREFECT_HOME": str(root / ".prefect"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # slow start on a busy 2-core box
+        "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # wait for SQLite's lock instead of logging "database is locked"
+        "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    if not os.environ.get("PREFECT_API_URL"):  # ephemeral: nobody reads the server's copy of the logs
+        env["PREFECT_LOGGING_TO_API_ENABLED"] = "false"
+    return env
+
+
+def stage_graph(root: Path) -> dict[str, set[str]]:
+    """``{stage: {stages it depends on}}`` for every command stage of dvc.yaml, as DVC resolves them."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph
+        stages = [s for s in graph.nodes if isinstance(s, PipelineStage) and s.cmd]
+        return {s.addressing: {d.addressing for d in graph.successors(s) if d in stages} for s in stages}
+
+
+def upstream_closure(graph: dict[str, set[str]], target: str | None) -> dict[str, set[str]]:
+    """The part of the graph ``target`` needs (itself and everything upstream); all of it if None."""
+    if target is None:
+        return graph
+    if target not in graph:
+        raise PipelineError(f"no stage {target!r} in dvc.yaml", where="--target", fix=f"use one of {', '.join(sorted(graph))}")
+    keep, todo = set(), [target]
+    while todo:
+        name = todo.pop()
+        if name not in keep:
+            keep.add(name)
+            todo.extend(graph[name])
+    return {name: graph[name] & keep for name in keep}
+
+
+def topological_order(graph: dict[str, set[str]]) -> list[str]:
+    order, done = [], set()
+    while len(order) < len(graph):
+        ready = sorted(n for n in graph if n not in done and graph[n] <= done)
+        if not ready:
+            raise PipelineError("dvc.yaml has a dependency cycle", where="dvc.yaml")
+        order.extend(ready)
+        done.update(ready)
+    return order
+
+
+def use_params(params: Path, root: Path) -> None:
+    """DVC stages read params.yaml; another profile is copied onto it, unless that would lose edits."""
+    target = root / "params.yaml"
+    if params.resolve() == target.resolve():
+        return
+    if not params.is_file():
+        raise PipelineError(f"params file {params} not found", where="--params")
+    if target.exists() and not filecmp.cmp(params, target, shallow=False):
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "params.yaml"], cwd=root).returncode != 0
+        if dirty:
+            raise PipelineError(
+                f"--params {params} would overwrite params.yaml, which has uncommitted changes",
+                where=str(target),
+                fix="commit or stash params.yaml first",
+            )
+    shutil.copyfile(params, target)
+
+
+def repro_command(stage: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
+
+
+def build_flow(root: Path, jobs: int):
+    from prefect import flow, get_run_logger, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
+    def repro_stage(stage: str, parent_run_id: str) -> str:
+        logger = get_run_logger()
+        logger.info("dvc repro --single-item %s", stage)
+        env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
+        result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
+        output = (result.stdout + result.stderr).replace("\r", "\n")
+        lines = [line for line in output.splitlines() if line.strip()]
+        if result.returncode != 0:
+            logger.error("stage %s failed (exit %d):\n%s", stage, result.returncode, "\n".join(lines[-40:]))
+            raise RuntimeError(f"dvc repro {stage} failed with exit status {result.returncode}")
+        logger.info("stage %s done:\n%s", stage, "\n".join(line for line in lines if "|" not in line)[-4000:])
+        return stage
+
+    @flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=jobs))
+    def dvc_pipeline(target: str | None = None) -> list[str]:
+        from pipeline import tracking
+
+        graph = upstream_closure(stage_graph(root), target)
+        order = topological_order(graph)
+        get_run_logger().info("stages in DVC order: %s", ", ".join(order))
+        mlflow_client, experiment_id = tracking.client(_params(root))
+        from prefect.runtime import flow_run
+
+        group = f"prefect-{flow_run.id}"
+        parent = tracking.open_parent_run(mlflow_client, experiment_id, f"flow {flow_run.name}", group, root)
+        futures = {}
+        try:
+            for stage in order:
+                upstream = [futures[name] for name in sorted(graph[stage])]
+                futures[stage] = repro_stage.with_options(task_run_name=stage).submit(stage, parent, wait_for=upstream)
+            done = [futures[stage].result() for stage in order]
+        except BaseException:
+            mlflow_client.set_terminated(parent, "FAILED")
+            raise
+        mlflow_client.set_terminated(parent, "FINISHED")
+        return done
+
+    return dvc_pipeline
+
+
+def _params(root: Path) -> dict:
+    from pipeline.params import load_params
+
+    return load_params(root / "params.yaml")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.flow", description="Run the DVC stages as a Prefect flow.")
+    parser.add_argument("--params", default="params.yaml", type=Path, help="params profile (copied onto params.yaml)")
+    parser.add_argument("--target", default=None, help="run only this stage and what it needs (default: all)")
+    parser.add_argument("--jobs", default=2, type=int, help="stages run at once where the graph allows (default 2)")
+    args = parser.parse_args(argv)
+    root = repo_root()
+    try:
+        use_params(args.params, root)
+        for key, value in prefect_environment(root).items():
+            os.environ.setdefault(key, value)
+        flow = build_flow(root, max(1, args.jobs))
+        flow(target=args.target)
+    except PipelineError as exc:
+        print(f"error in flow: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
