@@ -1,4 +1,4 @@
-"""Stage ``report``: ``reports/summary.md``, ``reports/plots/*.png`` and ``reports/metrics.json``
+"""Stage ``report``: ``reports/summary.md``, ``reports/plots/compare/*.png`` and ``reports/metrics.json``
 comparing the teacher with the hybrids at every ratio (params section ``report``)."""
 
 from __future__ import annotations

@@ -47,5 +47,5 @@ def test_report_stage_runs_from_params(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_stage("report", main, ["--params", str(tmp_path / "params.yaml")])
-    assert (tmp_path / "reports" / "plots" / "score_vs_ratio.png").is_file()
+    assert (tmp_path / "reports" / "plots" / "compare" / "score_vs_ratio.png").is_file()
     assert "teacher" in json.loads((tmp_path / "reports" / "metrics.json").read_text())

@@ -134,6 +134,6 @@ def write_report(metrics_dir: Path, out_dir: Path, models: Sequence[str], speed_
     judge = _read(metrics_dir / "judge_check.json")
     notes += [f"judge check {k}: {v:.3f}" for k, v in sorted(judge.items()) if isinstance(v, (int, float))]
     atomic_write_text(out_dir / "summary.md", summary_markdown(table, notes))
-    plots = plot_all(table, out_dir / "plots")
+    plots = plot_all(table, out_dir / "plots" / "compare")
     atomic_write_json(out_dir / "metrics.json", table)
     return {"table": table, "plots": plots, "missing": missing}
