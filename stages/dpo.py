@@ -79,13 +79,15 @@ def inputs_hash(params, base: Path) -> str:
 
 
 def main(ctx: StageContext) -> None:
-    import torch
+    from accelerate import PartialState
 
     from pipeline.data.pseudo_labels import teacher_sha256
     from pipeline.tracking import log_mamba_ratio
     from pipeline.train.callbacks import ForwardLogs
     from pipeline.train.dpo import DPO_METRICS, DPOParams, build_pairs, make_dpo_trainer
-    from pipeline.train.sft import fingerprint, load_frozen, load_model_and_tokenizer, log_history_summary, resume_checkpoint, save_trained
+    from pipeline.train.sft import (
+        fingerprint, load_frozen, load_model_and_tokenizer, log_history_summary, resume_checkpoint, save_trained, step_history,
+    )
 
     params = DPOParams.from_cfg(ctx.cfg, where=f"{ctx.params_path}:dpo")
     ratio = ratio_of(ctx)
@@ -94,19 +96,21 @@ def main(ctx: StageContext) -> None:
     in_dir, out_dir, resume_dir = models / f"sft_{ratio}", models / f"dpo_{ratio}", models / f".dpo_{ratio}.resume"
     log_mamba_ratio(ctx, ratio)
 
+    state = PartialState()  # one process per GPU under `accelerate launch`, else a single one
     expected = fingerprint(params.as_dict(), ratio, teacher_sha256(in_dir), inputs_hash(params, base))
-    checkpoint = resume_checkpoint(resume_dir, expected)
+    with state.main_process_first():
+        checkpoint = resume_checkpoint(resume_dir, expected)
     model, tokenizer = load_model_and_tokenizer(in_dir)
-    if torch.cuda.is_available():
-        model.to("cuda")  # the self-built pairs sample from the student; the trainer keeps it there
-    if (resume_dir / PAIRS_FILE).exists():
-        pairs = [json.loads(line) for line in (resume_dir / PAIRS_FILE).read_text(encoding="utf-8").splitlines()]
-        manifest = json.loads((resume_dir / PAIRS_MANIFEST).read_text())
-    else:
-        pairs, report = build_pairs(params, model, tokenizer, base_dir=base, where=ctx.where("pairs"))
-        manifest = report.to_dict()
-        atomic_write_json(resume_dir / PAIRS_MANIFEST, manifest)
-        atomic_write_text(resume_dir / PAIRS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
+    model.to(state.device)  # the self-built pairs sample from the student; the trainer keeps it there
+    with state.main_process_first():  # the main process builds the pairs, the others read its file
+        if (resume_dir / PAIRS_FILE).exists():
+            pairs = [json.loads(line) for line in (resume_dir / PAIRS_FILE).read_text(encoding="utf-8").splitlines()]
+            manifest = json.loads((resume_dir / PAIRS_MANIFEST).read_text())
+        else:
+            pairs, report = build_pairs(params, model, tokenizer, base_dir=base, where=ctx.where("pairs"))
+            manifest = report.to_dict()
+            atomic_write_json(resume_dir / PAIRS_MANIFEST, manifest)
+            atomic_write_text(resume_dir / PAIRS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
     ctx.log_metrics({"dpo.pairs": len(pairs), "dpo.empty_excluded": manifest["empty_excluded"],
                      "dpo.identical_excluded": manifest["identical_excluded"],
                      "dpo.student_preferred_dropped": manifest["student_preferred_dropped"]})
@@ -123,6 +127,7 @@ def main(ctx: StageContext) -> None:
                **log_history_summary(trainer, DPO_METRICS)}
     if trainer.is_world_process_zero():
         atomic_write_json(reports / "metrics" / f"dpo_{ratio}.json", metrics)
+        atomic_write_json(reports / "metrics" / f"dpo_{ratio}_history.json", step_history(trainer))
         ctx.log_artifact(out_dir / "data_manifest.json")
         shutil.rmtree(resume_dir, ignore_errors=True)
 

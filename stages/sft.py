@@ -62,11 +62,13 @@ def under(base: Path, path: str) -> Path:
 
 
 def main(ctx: StageContext) -> None:
+    from accelerate import PartialState
+
     from pipeline.data.pseudo_labels import teacher_sha256
     from pipeline.train.callbacks import ForwardLogs
     from pipeline.train.sft import (
         SFTParams, fingerprint, load_frozen, load_model_and_tokenizer, load_sft_conversations, log_history_summary,
-        make_sft_trainer, resume_checkpoint, save_trained, sft_examples,
+        make_sft_trainer, resume_checkpoint, save_trained, sft_examples, step_history,
     )
 
     from pipeline.tracking import log_mamba_ratio
@@ -88,7 +90,8 @@ def main(ctx: StageContext) -> None:
     model, tokenizer = load_model_and_tokenizer(in_dir, tokenizer_fallback=teacher_dir)
     teacher = load_frozen(teacher_dir, like=model) if params.kl_weight > 0 else None
     expected = fingerprint(params.as_dict(), ratio, teacher_sha256(in_dir), [e["origin"] for e in examples], examples)
-    checkpoint = resume_checkpoint(resume_dir, expected)
+    with PartialState().main_process_first():  # one process per GPU under `accelerate launch`
+        checkpoint = resume_checkpoint(resume_dir, expected)
 
     forward = ForwardLogs(ctx.log_metrics, "sft")
     trainer = make_sft_trainer(model, tokenizer, examples, params, resume_dir, callbacks=[forward], teacher=teacher)
@@ -101,6 +104,7 @@ def main(ctx: StageContext) -> None:
                **log_history_summary(trainer, ("loss", "mean_token_accuracy", "nll", "kl"))}
     if trainer.is_world_process_zero():
         atomic_write_json(reports / "metrics" / f"sft_{ratio}.json", metrics)
+        atomic_write_json(reports / "metrics" / f"sft_{ratio}_history.json", step_history(trainer))
         ctx.log_artifact(out_dir / "data_manifest.json")
         shutil.rmtree(resume_dir, ignore_errors=True)
 

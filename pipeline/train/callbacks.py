@@ -27,19 +27,17 @@ class ForwardLogs(TrainerCallback):
     def __init__(self, log_metrics: Callable[..., None], prefix: str):
         self.log_metrics = log_metrics
         self.prefix = prefix
-        self.history: list[dict[str, float]] = []
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
         numbers = {
-            f"{self.prefix}.{name}": float(value)
+            name: float(value)
             for name, value in logs.items()
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         }
         if numbers:
-            self.history.append({"step": state.global_step, **numbers})
-            self.log_metrics(numbers, step=state.global_step)
+            self.log_metrics({f"{self.prefix}.{name}": value for name, value in numbers.items()}, step=state.global_step)
 
 
 def is_hybrid(model) -> bool:

@@ -331,6 +331,11 @@ def save_trained(trainer, tokenizer, out_dir: str | Path, manifest: dict[str, An
         atomic_write_json(tmp / DATA_MANIFEST, manifest)
 
 
+def step_history(trainer) -> list[dict[str, Any]]:
+    """The per-step logs (resumed steps included), for the stage's DVC plots file."""
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
 def log_history_summary(trainer, keys: tuple[str, ...]) -> dict[str, Any]:
     """First and last logged value of each key, plus the run totals trl reports at the end."""
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
