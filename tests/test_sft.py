@@ -142,3 +142,21 @@ def test_resume_continues_from_the_last_checkpoint(tiny, tmp_path):
     second.train(resume_from_checkpoint=checkpoint)
     assert second.state.global_step == 3 and len([h for h in second.state.log_history if "loss" in h]) == 3
     assert resume_checkpoint(resume, "fp-b") is None and not any(resume.glob("checkpoint-*"))  # other inputs: discarded
+
+
+def test_gradient_checkpointing_keeps_the_hybrid_exact(tiny, tmp_path):
+    """trl turns checkpointing on by default; we turn it off unless asked, and with it the gradients are unchanged."""
+    _, _, tokenizer = tiny
+    trainer = make_sft_trainer(student(tiny), tokenizer, sft_examples(chats(2))[0], SFTParams(max_steps=1, **FAST), tmp_path)
+    assert trainer.args.gradient_checkpointing is False and trainer.args.bf16 is False
+    ids = torch.randint(3, 200, (2, 12))
+    grads = []
+    for checkpointing in (False, True):
+        model = student(tiny).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "mamba" in n})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6, msg=name)
