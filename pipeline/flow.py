@@ -39,7 +39,7 @@ def prefect_environment(root: Path) -> dict[str, str]:
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",  # slow start on a busy 2-core box
         "PREFECT_SERVER_DATABASE_TIMEOUT": "60",  # wait for SQLite's lock instead of logging "database is locked"
         "PREFECT_SERVER_DATABASE_CONNECTION_TIMEOUT": "60",
-        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
     }
     if not os.environ.get("PREFECT_API_URL"):  # ephemeral: nobody reads the server's copy of the logs
         env["PREFECT_LOGGING_TO_API_ENABLED"] = "false"

@@ -35,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from pipeline.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
@@ -189,7 +191,16 @@ def open_parent_run(mlflow_client, experiment_id: str, name: str, group: str, ro
 def _parent_for(mlflow_client, experiment_id: str, root: Path) -> tuple[str | None, str]:
     """(parent run id, group) for this stage process, following the rule in the module docstring."""
     if os.environ.get(PARENT_RUN_ENV):
-        parent = mlflow_client.get_run(os.environ[PARENT_RUN_ENV])
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = mlflow_client.get_run(os.environ[PARENT_RUN_ENV])
+        except MlflowException as exc:
+            raise PipelineError(
+                f"{PARENT_RUN_ENV}={os.environ[PARENT_RUN_ENV]} is not a run in {tracking_uri()}",
+                where=f"environment variable {PARENT_RUN_ENV}",
+                fix=f"unset {PARENT_RUN_ENV} (the flow sets it for its own stages)",
+            ) from exc
         return parent.info.run_id, parent.data.tags.get("pipeline.group", "flow")
     group = dvc_group()
     if group is None:

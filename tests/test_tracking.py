@@ -160,3 +160,10 @@ def test_dvc_md5_matches_dvc_format(tmp_path):
     (tmp_path / "d" / "sub" / "a.txt").write_text("a")
     assert tracking.dvc_md5(tmp_path / "d" / "b.txt") == "92eb5ffee6ae2fec3ad71c777531578f"
     assert tracking.dvc_md5(tmp_path / "d").endswith(".dir") and tracking.dvc_md5(tmp_path / "missing") is None
+
+
+def test_unknown_parent_run_id_is_a_clear_error(repro_twice, monkeypatch, capsys):
+    monkeypatch.setenv(tracking.PARENT_RUN_ENV, "0123456789abcdef0123456789abcdef")
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("summarize", lambda ctx: None, argv=[])
+    assert exit_info.value.code == 2 and tracking.PARENT_RUN_ENV in capsys.readouterr().err
