@@ -5,3 +5,5 @@ Importing :mod:`pipeline` registers the hybrid model with transformers' Auto cla
 """
 
 __version__ = "0.1.0"
+
+import pipeline.models  # noqa: E402,F401  (registers the hybrid with the Auto classes)

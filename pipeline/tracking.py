@@ -229,6 +229,15 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+class NullTracker:
+    """What a non-zero rank gets: same interface, nothing recorded."""
+
+    def log_params(self, values: dict[str, Any]) -> None: ...
+    def log_metrics(self, values: dict[str, float], step: int | None = None) -> None: ...
+    def log_artifact(self, path: Any) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+
 class StageTracker:
     """What a stage logs through its StageContext, sent to the stage's MLflow run."""
 
@@ -279,7 +288,14 @@ def log_mamba_ratio(ctx: Any, ratio: float | str) -> None:
 
 @contextlib.contextmanager
 def stage_run(ctx: Any) -> Iterator[StageTracker]:
-    """The MLflow child run of one stage run; FAILED if the stage raises, out hashes tagged on success."""
+    """The MLflow child run of one stage run; FAILED if the stage raises, out hashes tagged on success.
+
+    Under a multi-process launcher (torchrun, accelerate launch) only rank 0 tracks; the other
+    ranks get a tracker that records nothing, so one stage run is one MLflow run.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield NullTracker()
+        return
     root = repo_root(Path(ctx.params_path).resolve().parent if getattr(ctx, "params_path", None) else None)
     mlflow_client, experiment_id = client(ctx.params)
     parent_id, group = _parent_for(mlflow_client, experiment_id, root)

@@ -167,3 +167,13 @@ def test_unknown_parent_run_id_is_a_clear_error(repro_twice, monkeypatch, capsys
     with pytest.raises(SystemExit) as exit_info:
         run_stage("summarize", lambda ctx: None, argv=[])
     assert exit_info.value.code == 2 and tracking.PARENT_RUN_ENV in capsys.readouterr().err
+
+
+def test_non_zero_rank_tracks_nothing(monkeypatch):
+    """Under torchrun / accelerate launch only rank 0 opens an MLflow run."""
+    from pipeline import tracking
+
+    monkeypatch.setenv("RANK", "1")
+    with tracking.stage_run(object()) as tracker:  # a context rank 0 could not even use
+        assert isinstance(tracker, tracking.NullTracker)
+        tracker.log_metrics({"loss": 1.0}, step=0)
