@@ -8,8 +8,8 @@ epoch or beta 0.1 for 3 epochs, on UltraFeedback-binarized)::
       pairs:                    # self_built (default, no external data), files or hub
         kind: self_built        # chosen = teacher's pseudo-label answer, rejected = student sample
         pseudo_labels_dir: data/pseudo_labels
-        max_prompts: 16
-        max_new_tokens: 48
+        max_prompts: 4
+        max_new_tokens: 24
         batch_size: 8
         do_sample: true
         temperature: 1.0
@@ -22,10 +22,10 @@ epoch or beta 0.1 for 3 epochs, on UltraFeedback-binarized)::
       loss_type: sigmoid
       lr: 5.0e-7
       epochs: 1
-      max_steps: 6              # > 0 overrides epochs
-      per_device_batch_size: 2
+      max_steps: 2              # > 0 overrides epochs
+      per_device_batch_size: 1
       grad_accum: 1
-      max_length: 256
+      max_length: 128
       lr_scheduler: cosine
       warmup_ratio: 0.1
       weight_decay: 0.0
@@ -35,7 +35,7 @@ epoch or beta 0.1 for 3 epochs, on UltraFeedback-binarized)::
       bf16: true                # GPU only
       gradient_checkpointing: false
       logging_steps: 1
-      save_steps: 3             # trainer checkpoints in models/.dpo_<ratio>.resume/ (not a DVC out)
+      save_steps: 2             # trainer checkpoints in models/.dpo_<ratio>.resume/ (not a DVC out)
       models_dir: models
       reports_dir: reports
 

@@ -5,13 +5,13 @@ the paper's GPU settings are lr 2e-5, 1 epoch, effective batch 64, max_length 20
 
     sft:
       data: {kind: pseudo_labels, dir: data/pseudo_labels}   # or any prompts.source spec with answers
-      max_examples: 32          # null = all
+      max_examples: 16          # null = all
       lr: 2.0e-5
       epochs: 1
-      max_steps: 8              # > 0 overrides epochs
+      max_steps: 4              # > 0 overrides epochs
       per_device_batch_size: 2
-      grad_accum: 2             # effective batch = per_device_batch_size * grad_accum * GPUs
-      max_length: 256
+      grad_accum: 1             # effective batch = per_device_batch_size * grad_accum * GPUs
+      max_length: 128
       lr_scheduler: cosine
       warmup_ratio: 0.1
       weight_decay: 0.0
@@ -23,7 +23,7 @@ the paper's GPU settings are lr 2e-5, 1 epoch, effective batch 64, max_length 20
       bf16: true                # GPU only
       gradient_checkpointing: false
       logging_steps: 1
-      save_steps: 4             # trainer checkpoints in models/.sft_<ratio>.resume/ (not a DVC out)
+      save_steps: 2             # trainer checkpoints in models/.sft_<ratio>.resume/ (not a DVC out)
       models_dir: models
       reports_dir: reports
 
