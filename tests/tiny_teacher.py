@@ -32,7 +32,7 @@ def build_tokenizer():
     )
 
 
-def build_tiny_teacher(out_dir: str | Path, *, seed: int = 0, always_eos: bool = False) -> Path:
+def build_tiny_teacher(out_dir: str | Path, *, seed: int = 0, always_eos: bool = False, num_layers: int = 2) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -41,7 +41,7 @@ def build_tiny_teacher(out_dir: str | Path, *, seed: int = 0, always_eos: bool =
         vocab_size=len(tokenizer),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
