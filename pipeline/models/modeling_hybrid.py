@@ -111,6 +111,38 @@ def _sample_dt(n: int, config: HybridMambaConfig) -> torch.Tensor:
     return _inverse_softplus(dt)
 
 
+def masked_causal_conv(
+    x: torch.Tensor,
+    conv: nn.Conv1d,
+    cache: HybridMambaCache | None,
+    layer_idx: int,
+    padding_mask: torch.Tensor | None,
+    backend: str | None,
+) -> torch.Tensor:
+    """The mixers' depthwise conv over a block of tokens, continuing from and updating the cache.
+
+    Padded positions are zeroed before the conv (so they look like the zero initial state) and
+    after it (so the conv bias does not leak into the scan): a left-padded row then gives exactly
+    the result of the same row unpadded.
+    """
+    mask = None if padding_mask is None else padding_mask[..., None].to(x.dtype)
+    if mask is not None:
+        x = x * mask
+    continuing = cache is not None and cache.has_previous_state
+    out = ops.causal_conv1d(
+        x,
+        conv.weight.squeeze(1),
+        conv.bias,
+        initial_state=cache.conv_states[layer_idx] if continuing else None,
+        return_final_state=cache is not None,
+        backend=backend,
+    )
+    if cache is not None:  # final states are asked for only when kept: fast kernels skip them otherwise
+        out, conv_state = out
+        cache.conv_states[layer_idx].copy_(conv_state)
+    return out if mask is None else out * mask
+
+
 class Mamba2Mixer(nn.Module):
     """Mamba2 (SSD) mixer with the shapes of the attention it replaces.
 
@@ -209,20 +241,7 @@ class Mamba2Mixer(nn.Module):
             y = y.unsqueeze(1)
         else:
             continuing = cache is not None and cache.has_previous_state
-            if padding_mask is not None:
-                xbc = xbc * padding_mask[..., None].to(xbc.dtype)
-            xbc = ops.causal_conv1d(
-                xbc,
-                weight,
-                self.conv1d.bias,
-                initial_state=cache.conv_states[self.layer_idx] if continuing else None,
-                return_final_state=cache is not None,
-                backend=backend,
-            )
-            if cache is not None:
-                xbc, conv_state = xbc
-            if padding_mask is not None:
-                xbc = xbc * padding_mask[..., None].to(xbc.dtype)
+            xbc = masked_causal_conv(xbc, self.conv1d, cache, self.layer_idx, padding_mask, backend)
             x, B, C = self._split_xbc(xbc)
             y = ops.ssd_scan(
                 x,
@@ -236,9 +255,8 @@ class Mamba2Mixer(nn.Module):
                 return_final_state=cache is not None,
                 backend=backend,
             )
-            if cache is not None:  # final states are asked for only when kept: fast kernels skip them otherwise
+            if cache is not None:
                 y, ssm_state = y
-                cache.conv_states[self.layer_idx].copy_(conv_state)
                 cache.ssm_states[self.layer_idx].copy_(ssm_state)
         y = self.norm(y.reshape(b, l, self.d_inner).to(hidden_states.dtype), z)
         return self.out_proj(y)
@@ -329,20 +347,7 @@ class Mamba1Mixer(nn.Module):
             ).unsqueeze(1)
         else:
             continuing = cache is not None and cache.has_previous_state
-            if padding_mask is not None:
-                x = x * padding_mask[..., None].to(x.dtype)
-            u = ops.causal_conv1d(
-                x,
-                weight,
-                self.conv1d.bias,
-                initial_state=cache.conv_states[self.layer_idx] if continuing else None,
-                return_final_state=cache is not None,
-                backend=backend,
-            )
-            if cache is not None:
-                u, conv_state = u
-            if padding_mask is not None:
-                u = u * padding_mask[..., None].to(u.dtype)
+            u = masked_causal_conv(x, self.conv1d, cache, self.layer_idx, padding_mask, backend)
             y = ops.selective_scan(
                 u, delta, A, B, C, self.D,
                 z=z, delta_bias=self.dt_bias, delta_softplus=True,
@@ -352,7 +357,6 @@ class Mamba1Mixer(nn.Module):
             )
             if cache is not None:
                 y, ssm_state = y
-                cache.conv_states[self.layer_idx].copy_(conv_state)
                 cache.ssm_states[self.layer_idx].copy_(ssm_state)
         return self.out_proj(y.to(hidden_states.dtype))
 
