@@ -89,13 +89,22 @@ def plot_all(table: dict[str, dict[str, Any]], plots_dir: Path) -> list[Path]:
         ax.set_title(label)
         ax.set_xlabel("mamba_ratio")
         written.append(_save(fig, plots_dir / f"bar_{_slug(label)}.png"))
+    # Relative to the teacher, so benchmarks on 0-1 and 0-100 scales share one axis (as the paper compares).
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, scores in heads.items():
-        points = sorted((table[m]["mamba_ratio"], v) for m, v in scores.items() if v is not None and table[m]["mamba_ratio"] is not None)
+        base = scores.get("teacher")
+        if not base:
+            continue
+        points = sorted(
+            (table[m]["mamba_ratio"], v / base)
+            for m, v in scores.items()
+            if v is not None and table[m]["mamba_ratio"] is not None
+        )
         if points:
             ax.plot(*zip(*points), marker="o", label=label)
+    ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("mamba_ratio (0 = teacher)")
-    ax.set_ylabel("score")
+    ax.set_ylabel("score / teacher's score")
     ax.legend(fontsize=7)
     written.append(_save(fig, plots_dir / "score_vs_ratio.png"))
     timed = [m for m in table if table[m]["speed"] is not None]
