@@ -7,10 +7,14 @@ so a test that would silently download fails instead.
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Stage bodies run in-process by tests must not write into the repository's own MLflow store.
+_MLFLOW_DIR = tempfile.mkdtemp(prefix="pipeline-tests-mlflow-")
+os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_MLFLOW_DIR}/mlflow.db")
 
 import pytest  # noqa: E402
 
