@@ -53,7 +53,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from pipeline.data.prompts import MAX_LISTED_MALFORMED, SHAREGPT_ROLES, MalformedRow, MalformedRowError, normalise_text
+from pipeline.data.prompts import (
+    MAX_LISTED_MALFORMED,
+    SHAREGPT_ROLES,
+    MalformedRow,
+    MalformedRowError,
+    load_hub_split,
+    normalise_text,
+)
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -335,19 +342,7 @@ def _from_hub(spec: dict[str, Any], report: PreferenceReport, where: str) -> lis
     if not isinstance(name, str) or not name:
         raise PipelineError("preference source 'hub' needs a dataset name", where=f"{where}.name",
                             fix="e.g. name: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs")
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0"):
-        raise PipelineError(f"hub dataset {name!r} needs the Hugging Face hub, which is unreachable (offline mode is on)",
-                            where=where, fix="export it to a local JSONL file and use {kind: files, paths: [...]}")
-    import datasets
-
-    split_expr = split if spec.get("max_rows") is None else f"{split}[:{int(spec['max_rows'])}]"
-    try:
-        dataset = datasets.load_dataset(name, spec.get("config"), split=split_expr)
-    except Exception as exc:  # network and dataset-script errors come in many types
-        raise PipelineError(f"could not load hub dataset {name!r} split {split!r}: {type(exc).__name__}: {exc}", where=where,
-                            fix="check the name/split, or export the data to a local JSONL file and use kind: files") from exc
+    dataset = load_hub_split(name, split, spec.get("config"), spec.get("max_rows"), where)
     return list(_parsed(enumerate(dataset), f"{name}:{split}", report))
 
 

@@ -379,11 +379,11 @@ def _read_eval_prompts(paths: list[str] | tuple[str, ...], base: Path, report: P
 # ---------------------------------------------------------------- hub and self-generated
 
 
-def _from_hub(spec: dict[str, Any], report: PromptReport, where: str) -> list[tuple[Conversation, str]]:
-    _check_keys(spec, {"kind", "name", "split", "column", "config", "max_rows"}, where)
-    name, split = spec.get("name"), spec.get("split", "train")
-    if not isinstance(name, str) or not name:
-        raise PipelineError("prompt source 'hub' needs a dataset name", where=f"{where}.name", fix="e.g. name: HuggingFaceH4/ultrachat_200k")
+def load_hub_split(name: str, split: str, config: str | None, max_rows: int | None, where: str):
+    """A hub dataset split (its first ``max_rows`` rows), or a clear error when offline or missing.
+
+    Shared by every data source that accepts ``kind: hub`` (prompts, preference pairs).
+    """
     from huggingface_hub import constants
 
     if constants.HF_HUB_OFFLINE or os.environ.get("HF_DATASETS_OFFLINE", "") not in ("", "0"):
@@ -391,12 +391,20 @@ def _from_hub(spec: dict[str, Any], report: PromptReport, where: str) -> list[tu
                             where=where, fix="export it to a local JSONL file and use {kind: files, paths: [...]}")
     import datasets
 
-    split_expr = split if spec.get("max_rows") is None else f"{split}[:{int(spec['max_rows'])}]"
+    split_expr = split if max_rows is None else f"{split}[:{int(max_rows)}]"
     try:
-        dataset = datasets.load_dataset(name, spec.get("config"), split=split_expr)
+        return datasets.load_dataset(name, config, split=split_expr)
     except Exception as exc:  # network and dataset-script errors come in many types
         raise PipelineError(f"could not load hub dataset {name!r} split {split!r}: {type(exc).__name__}: {exc}", where=where,
                             fix="check the name/split, or export the data to a local JSONL file and use kind: files") from exc
+
+
+def _from_hub(spec: dict[str, Any], report: PromptReport, where: str) -> list[tuple[Conversation, str]]:
+    _check_keys(spec, {"kind", "name", "split", "column", "config", "max_rows"}, where)
+    name, split = spec.get("name"), spec.get("split", "train")
+    if not isinstance(name, str) or not name:
+        raise PipelineError("prompt source 'hub' needs a dataset name", where=f"{where}.name", fix="e.g. name: HuggingFaceH4/ultrachat_200k")
+    dataset = load_hub_split(name, split, spec.get("config"), spec.get("max_rows"), where)
     column, rows = spec.get("column"), []
     for index, row in enumerate(dataset):
         report.rows_read += 1

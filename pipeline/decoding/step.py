@@ -24,7 +24,6 @@ from pipeline.decoding import replay as ref
 from pipeline.decoding.static_cache import StaticHybridCache
 from pipeline.models.modeling_hybrid import HybridMambaForCausalLM, repeat_heads
 from pipeline.ops.selective_scan import effective_delta
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 KERNELS = ("reference", "triton")
 
@@ -40,11 +39,7 @@ def attention_mask(positions: torch.Tensor, max_length: int, sliding_window: int
 
 def _attention(attn, hidden, position_embeddings, mask, positions, cache: StaticHybridCache) -> torch.Tensor:
     b, t, _ = hidden.shape
-    q = attn.q_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    k = attn.k_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(hidden).view(b, t, -1, attn.head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    q, k, v = attn.project_qkv(hidden, position_embeddings)
     slots = positions[:, None, :, None].expand(b, k.shape[1], t, attn.head_dim)
     keys = cache.keys[attn.layer_idx].scatter_(2, slots, k.to(cache.keys[attn.layer_idx].dtype))
     values = cache.values[attn.layer_idx].scatter_(2, slots, v.to(cache.values[attn.layer_idx].dtype))

@@ -73,6 +73,18 @@ class HybridAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.attention_out_bias)
 
+    def project_qkv(
+        self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys (both rotated) and values as ``(batch, heads, tokens, head_dim)``."""
+        b, l, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -81,11 +93,7 @@ class HybridAttention(nn.Module):
         cache: HybridMambaCache | None = None,
     ) -> torch.Tensor:
         b, l, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(b, l, -1, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k, v = self.project_qkv(hidden_states, position_embeddings)
         if cache is not None:
             k, v = cache.update_kv(self.layer_idx, k, v)
         n_rep = self.num_heads // self.num_kv_heads
