@@ -145,6 +145,13 @@ def hash_tags(kind: str, paths: list[str], root: Path) -> dict[str, str]:
 
 
 def git_tags(root: Path) -> dict[str, str]:
+    """The checkout's commit and dirtiness. A copied working tree without its .git (a GPU machine's
+    copy) names its source commit in ``PIPELINE_GIT_COMMIT`` (dirty unless ``PIPELINE_GIT_DIRTY=false``)."""
+    if os.environ.get("PIPELINE_GIT_COMMIT"):
+        commit = os.environ["PIPELINE_GIT_COMMIT"]
+        return {"git.commit": commit, "mlflow.source.git.commit": commit,
+                "git.dirty": os.environ.get("PIPELINE_GIT_DIRTY", "true").lower()}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
 

@@ -256,3 +256,20 @@ def test_unknown_param_and_bad_key_fail():
         DistillParams.from_cfg({"learning_rate": 1e-3})
     with pytest.raises(PipelineError, match="global_batch_size"):
         DistillParams(micro_batch_size=3, global_batch_size=4).validate()
+
+
+def test_throughput_counts_matmul_parameters_and_reports_no_mfu_on_cpu():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.train.throughput import matmul_parameters, throughput
+
+    def llama(tied: bool):
+        cfg = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied)
+        return LlamaForCausalLM(cfg)
+
+    per_layer = 16 * 16 * 2 + 16 * 8 * 2 + 3 * 16 * 32  # q,o + k,v + gate,up,down
+    assert matmul_parameters(llama(tied=True)) == 2 * per_layer + 100 * 16  # the tied head counted once
+    assert matmul_parameters(llama(tied=False)) == 2 * per_layer + 100 * 16
+    out = throughput(1000, 2.0, 10, 5, torch.device("cpu"))
+    assert out["tokens_per_s"] == 500 and out["flops_per_token"] == 70 and out["mfu"] is None

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ from pipeline.train.layer_selection import choose_attention_layers, layer_sensit
 from pipeline.train.loop import latest_checkpoint, make_accelerator, read_progress, set_trainable, train
 from pipeline.train.params import DistillParams, ratio_name, validate_ratios
 from pipeline.train.targets import OnlineTeacher, build_topk_cache
+from pipeline.train.throughput import matmul_parameters, throughput
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +151,14 @@ def distill_ratio(
         init_metrics = read_progress(checkpoint)["caller_state"]["init"]
     else:
         init_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
+    started = time.perf_counter()
     result = train(student, train_targets, train_rows, plan, params, accelerator=accelerator, state_dir=state, pad_id=pad_id,
                    caller_state={"init": init_metrics}, on_step=on_step, log_metrics=log_metrics)
+    seconds = time.perf_counter() - started
+    resumed_tokens = result.history[result.resumed_from - 1]["tokens"] if result.resumed_from else 0
+    speed = throughput(result.tokens - resumed_tokens, seconds, matmul_parameters(student),
+                       matmul_parameters(teacher) if params.teacher_logits == "online" else 0,
+                       accelerator.device, accelerator.num_processes)
     trained_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
 
     metrics = {
@@ -161,11 +169,13 @@ def distill_ratio(
         "teacher_logits": params.teacher_logits, "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "held_out": {"init": init_metrics, "trained": trained_metrics},
+        "throughput": speed,  # this invocation's steps only (after a resume: the remaining ones)
         "final_train": result.history[-1] if result.history else None,
     }
     write_outputs(accelerator, student, tokenizer, params, ratio, metrics, result.history, scores)
     if log_metrics is not None and accelerator.is_main_process:
         log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
+        log_metrics({f"throughput.{k}": float(v) for k, v in speed.items() if isinstance(v, (int, float))}, result.steps)
     return metrics
 
 

