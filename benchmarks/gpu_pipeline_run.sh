@@ -9,6 +9,7 @@
 #   3. repro    carry .gpu/teacher.part1 .gpu/teacher.sha256
 #               join and check the GGUF, then `dvc repro` (params-gpu.yaml) for up to REPRO_TIMEOUT s
 #   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
+# TARGETS="distill@0.875 dpo@0.5 ..." makes `repro` run those first, in that order.
 # Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
 # under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
 set -uo pipefail
@@ -42,7 +43,8 @@ repro)
   if [ ! -d .git ]; then   # the copied tree has no .git; DVC needs a repository (the commit is in PIPELINE_GIT_COMMIT)
     git init -q && git add -A >/dev/null 2>&1 && git -c user.name=gpu -c user.email=gpu@localhost commit -qm snapshot
   fi
-  timeout "${REPRO_TIMEOUT:-540}" python3 -m dvc repro --keep-going 2>&1 | tee -a "$OUT/repro.log"
+  # TARGETS (optional, space-separated) run first, in order: what matters most when time may run out
+  timeout "${REPRO_TIMEOUT:-540}" bash -c 'for t in $TARGETS; do python3 -m dvc repro "$t"; done; python3 -m dvc repro --keep-going' 2>&1 | tee -a "$OUT/repro.log"
   status=${PIPESTATUS[0]}
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
   python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"

@@ -59,7 +59,10 @@ def load_teacher(teacher_dir: Path) -> tuple[Any, Any]:
     if not (Path(teacher_dir) / "config.json").is_file():
         raise PipelineError(f"self-generated prompts need the teacher, but {teacher_dir} holds no model",
                             where="prompts.teacher_dir", fix="run `dvc repro teacher` first, or set prompts.teacher_dir")
-    return AutoModelForCausalLM.from_pretrained(teacher_dir).eval(), AutoTokenizer.from_pretrained(teacher_dir)
+    from pipeline.eval.generation import default_device
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir).to(default_device()).eval()
+    return model, AutoTokenizer.from_pretrained(teacher_dir)
 
 
 def user_turn_prefix(tokenizer: Any, system_prompt: str | None = None) -> str:
@@ -128,8 +131,8 @@ def generate_user_prompts(
         if len(kept) >= params.num_prompts:
             break
         rows = [batch_index * params.batch_size + i for i in range(params.batch_size)]
-        batch = tokenizer([prefixes[r % len(prefixes)] for r in rows], add_special_tokens=False, padding=True, return_tensors="pt")
-        with torch.random.fork_rng(devices=[]):
+        batch = tokenizer([prefixes[r % len(prefixes)] for r in rows], add_special_tokens=False, padding=True, return_tensors="pt").to(model.device)
+        with torch.random.fork_rng(devices=[model.device] if model.device.type == "cuda" else []):
             torch.manual_seed(params.seed * 1_000_003 + batch_index)
             output = model.generate(
                 **batch, do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k,

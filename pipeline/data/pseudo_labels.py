@@ -177,7 +177,9 @@ def load_teacher(teacher_dir: str | Path, dtype: str = "float32"):
     tokenizer.padding_side = "left"  # decoder-only: the answer must follow the prompt with no pads between
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype))
+    from pipeline.eval.generation import default_device
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=getattr(torch, dtype)).to(default_device())
     model.eval()
     return model, tokenizer
 
@@ -197,7 +199,7 @@ def answer_batch(model, tokenizer, prompts: list[Prompt], params: GenerationPara
 
     texts = [tokenizer.apply_chat_template(p.messages, add_generation_prompt=True, tokenize=False) for p in prompts]
     # the chat template already wrote any BOS token, so the tokenizer must not add another
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
     eos_ids = _eos_ids(model, tokenizer)
     sampling = dict(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None) if params.do_sample else {}
     # replace, not merge: generate() would otherwise fill our "default" values from the model's config

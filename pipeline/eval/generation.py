@@ -39,6 +39,11 @@ class GenerationConfig:
         return cls(**cfg)
 
 
+def default_device() -> str:
+    """Where the pipeline's generation runs: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def load_chat_model(path: str | Path, dtype: str = "auto", device: str | None = None):
     """Load a checkpoint and its tokenizer; refuse one without a chat template (prompts would be wrong)."""
     import pipeline  # noqa: F401  (registers the hybrid model with the Auto classes)
@@ -57,7 +62,7 @@ def load_chat_model(path: str | Path, dtype: str = "auto", device: str | None = 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     torch_dtype = "auto" if dtype == "auto" else getattr(torch, dtype)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     return model, tokenizer
 
