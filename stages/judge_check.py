@@ -40,7 +40,8 @@ def main(ctx: StageContext) -> None:
     if cfg.get("mt_bench") is not None:
         spec = cfg["mt_bench"]
         result = mt_bench.judge_check(
-            mirror, load_judge(judge), spec.get("reference_scores") or {}, spec.get("limit"), spec.get("models"), seed
+            mirror, load_judge(judge), spec.get("reference_scores") or {}, spec.get("limit"), spec.get("models"), seed,
+            judge["mt_bench_rating"],
         )
         atomic_write_json(OUT_DIR / "mt_bench.json", result)
         for stat in ("spearman", "kendall"):

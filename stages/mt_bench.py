@@ -30,7 +30,7 @@ def main(ctx: StageContext) -> None:
 
     questions = mt_bench.load_questions(mirror, cfg.get("limit"), int(cfg.get("seed", 0)))
     answers = mt_bench.generate_answers(path, questions, gen, name=ctx.key, dtype=str(cfg.get("dtype", "auto")))
-    judgments = mt_bench.grade(answers, questions, load_judge(judge), mirror)
+    judgments = mt_bench.grade(answers, questions, load_judge(judge), mirror, judge["mt_bench_rating"])
     summary = mt_bench.aggregate(judgments)
     out = OUT_DIR / ctx.key
     atomic_write_json(out / "answers.json", answers)
@@ -38,7 +38,7 @@ def main(ctx: StageContext) -> None:
     atomic_write_json(out / "summary.json", {"model": ctx.key, **summary})
     metrics = {k: summary[k] for k in ("average", "turn_1", "turn_2") if summary[k] is not None}
     metrics.update({f"category/{c}": s["average"] for c, s in summary["categories"].items()})
-    metrics.update({k: float(summary[k]) for k in ("n_rated", "n_failures", "n_empty_answers")})
+    metrics.update({k: float(summary[k]) for k in ("n_rated", "n_failures", "n_forced", "n_empty_answers")})
     atomic_write_json(METRICS_DIR / f"mt_bench_{ctx.key}.json", {"model": ctx.key, **metrics})
     ctx.log_metrics({f"mt_bench/{k}": v for k, v in metrics.items()})
     ctx.log_artifact(out / "summary.json")

@@ -110,15 +110,19 @@ def generate_chat(
 
 @torch.inference_mode()
 def next_token_logprobs(
-    model, tokenizer, conversations: Sequence[Conversation], labels: Sequence[str], batch_size: int, desc: str
+    model, tokenizer, conversations: Sequence[Conversation], labels: Sequence[str], batch_size: int, desc: str,
+    answer_prefix: str | Sequence[str] = "",
 ) -> list[dict[str, float]]:
-    """Log-probability of each label as the first answer token, per conversation.
+    """Log-probability of each label as the next answer token, per conversation.
 
     A label that the tokenizer splits into several tokens is scored by its first token,
     which is what an API's ``top_logprobs`` of the first generated token gives too.
+    ``answer_prefix`` (one for all, or one per conversation) is written into the answer first,
+    so the label is read at the point the prefix leads to (e.g. after ``Rating: [[``).
     """
     label_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
-    prompts = chat_prompts(tokenizer, conversations)
+    prefixes = [answer_prefix] * len(conversations) if isinstance(answer_prefix, str) else list(answer_prefix)
+    prompts = [p + prefix for p, prefix in zip(chat_prompts(tokenizer, conversations), prefixes)]
     scores: list[dict[str, float]] = [{} for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         for idx in _batches_longest_first(prompts, tokenizer, batch_size):

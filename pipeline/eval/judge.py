@@ -47,6 +47,33 @@ class LocalJudge:
     def label_logprobs(self, conversations, labels, desc="judge"):
         return next_token_logprobs(self.model, self.tokenizer, conversations, labels, self.gen.batch_size, desc)
 
+    def forced_rating(self, conversations, prefix: str = "Rating: [[", desc="judge (forced rating)") -> list[dict[str, Any]]:
+        """The expected 1-10 rating under the judge's own distribution, read after a forced ``prefix``.
+
+        For judges too small to follow the ``[[rating]]`` format (G-Eval's probability-weighted
+        score). With a digit-by-digit tokenizer "10" starts like "1", so a second pass reads
+        P("0" | prefix + "1") to split the first digit's mass between 1 and 10.
+        """
+        ratings = [str(r) for r in range(1, 11)]
+        first = next_token_logprobs(self.model, self.tokenizer, conversations, ratings, self.gen.batch_size, desc, prefix)
+        ten_shares_one = self.tokenizer("10", add_special_tokens=False)["input_ids"][0] == \
+            self.tokenizer("1", add_special_tokens=False)["input_ids"][0]
+        if ten_shares_one:
+            stops = next_token_logprobs(self.model, self.tokenizer, conversations, ["0", "]"], self.gen.batch_size, desc, prefix + "1")
+        out = []
+        for i, logprobs in enumerate(first):
+            probs = {int(r): math.exp(logprobs[r]) for r in ratings if r != "10"}
+            if ten_shares_one:
+                zero, close = math.exp(stops[i]["0"]), math.exp(stops[i]["]"])
+                share = zero / (zero + close) if zero + close > 0 else 0.0
+                probs[10], probs[1] = probs[1] * share, probs[1] * (1 - share)
+            else:
+                probs[10] = math.exp(logprobs["10"])
+            mass = sum(probs.values())
+            expected = sum(r * p for r, p in probs.items()) / mass if mass > 0 else None
+            out.append({"rating": expected, "mass": mass, "argmax": max(probs, key=probs.get)})
+        return out
+
 
 class EndpointJudge:
     """An OpenAI-compatible chat endpoint (OpenAI, vLLM, llama.cpp server...)."""
@@ -91,7 +118,8 @@ def _endpoint_reachable(base_url: str) -> bool:
 
 def judge_spec(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     """Validate a ``judge:`` params mapping into a plain spec (plain data, so it can travel through YAML)."""
-    spec = {"kind": "local", "path": "models/teacher", "dtype": "auto", "batch_size": 4, "max_new_tokens": 512}
+    spec = {"kind": "local", "path": "models/teacher", "dtype": "auto", "batch_size": 4, "max_new_tokens": 512,
+            "mt_bench_rating": "free_text_then_forced"}
     spec.update(cfg or {})
     if spec["kind"] not in JUDGE_KINDS:
         raise PipelineError(f"judge kind '{spec['kind']}' is unknown", where=f"{where}.kind", fix=f"use {JUDGE_KINDS}")

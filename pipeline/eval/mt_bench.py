@@ -4,10 +4,16 @@ Grading follows FastChat's single-answer mode: ``single-v1`` for turn 1 and
 ``single-v1-multi-turn`` for turn 2, and the ``*-math-v1`` variants with GPT-4 reference
 answers for math, reasoning and coding. A judge reply without a parsable rating is a
 failure that is counted and listed in the summary, never scored as 0.
+
+A local judge too small to write ``[[rating]]`` (the 135M teacher rarely does) can still rate:
+``rating="free_text_then_forced"`` (the default) reads, for each failed judgment, the judge's
+expected rating after a forced ``Rating: [[`` (:meth:`LocalJudge.forced_rating`); ``"forced"``
+skips the free text. Every judgment records its ``rating_method``, and the summary counts both.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections import defaultdict
 from pathlib import Path
@@ -19,7 +25,10 @@ from pipeline.eval.generation import GenerationConfig, generate_chat, load_chat_
 from pipeline.eval.inputs import read_jsonl, subset
 from pipeline.eval.judge import Judge, rank_agreement
 
+log = logging.getLogger(__name__)
+
 NEED_REFERENCE = frozenset({"math", "reasoning", "coding"})
+RATING_MODES = ("free_text", "free_text_then_forced", "forced")
 RATING = re.compile(r"\[\[(\d+\.?\d*)\]\]")
 RATING_FALLBACK = re.compile(r"\[(\d+\.?\d*)\]")
 QUESTIONS = "mt_bench/question.jsonl"
@@ -101,8 +110,12 @@ def judge_conversation(
     ]
 
 
-def grade(answers: Sequence[dict[str, Any]], questions: Sequence[dict[str, Any]], judge: Judge, mirror: Path) -> list[dict]:
-    """One judgment per (answer, turn), all graded in one batched judge call."""
+def grade(
+    answers: Sequence[dict[str, Any]], questions: Sequence[dict[str, Any]], judge: Judge, mirror: Path,
+    rating: str = "free_text_then_forced",
+) -> list[dict]:
+    """One judgment per (answer, turn), all graded in one batched judge call (see the module doc for ``rating``)."""
+    rating = check_rating_mode(rating, judge)
     by_id = {q["question_id"]: q for q in questions}
     prompts, references = _judge_prompts(mirror), _references(mirror)
     jobs, conversations = [], []
@@ -111,10 +124,22 @@ def grade(answers: Sequence[dict[str, Any]], questions: Sequence[dict[str, Any]]
         for turn in (1, 2):
             jobs.append((answer, question, turn))
             conversations.append(judge_conversation(question, answer["turns"], turn, prompts, references))
-    replies = judge.complete(conversations, desc="mt_bench judge")
+    if rating == "forced":
+        replies = [""] * len(conversations)
+    else:
+        replies = judge.complete(conversations, desc="mt_bench judge")
+    parsed = [parse_rating(reply) if rating != "forced" else (None, "not asked (forced rating)") for reply in replies]
+    forced: dict[int, dict[str, Any]] = {}
+    if rating != "free_text":
+        todo = [i for i, (score, _) in enumerate(parsed) if score is None]
+        if todo:
+            forced = dict(zip(todo, judge.forced_rating([conversations[i] for i in todo], desc="mt_bench judge (forced rating)")))
     judgments = []
-    for (answer, question, turn), reply in zip(jobs, replies):
-        score, failure = parse_rating(reply)
+    for i, ((answer, question, turn), reply) in enumerate(zip(jobs, replies)):
+        score, failure = parsed[i]
+        method = "free_text" if score is not None else None
+        if score is None and i in forced and forced[i]["rating"] is not None:
+            score, method = forced[i]["rating"], "forced"
         judgments.append(
             {
                 "question_id": question["question_id"],
@@ -122,13 +147,29 @@ def grade(answers: Sequence[dict[str, Any]], questions: Sequence[dict[str, Any]]
                 "category": question["category"],
                 "turn": turn,
                 "score": score,
-                "failure": failure,
+                "rating_method": method,
+                "failure": failure,  # why the free text gave no rating (also when the forced rating stood in)
+                "forced_mass": forced[i]["mass"] if i in forced else None,
                 "empty_answer": not answer["turns"][turn - 1].strip(),
                 "judgment": reply,
                 "judge": judge.name,
             }
         )
     return judgments
+
+
+def check_rating_mode(rating: str, judge: Judge) -> str:
+    """The rating mode to use with this judge: an endpoint judge (no next-token distribution) rates
+    in free text only; asking it for ``forced`` ratings is an error."""
+    if rating not in RATING_MODES:
+        raise PipelineError(f"unknown MT-Bench rating mode {rating!r}", where="judge.mt_bench_rating", fix=f"use one of {RATING_MODES}")
+    if rating == "free_text_then_forced" and not hasattr(judge, "forced_rating"):
+        log.info("judge %s has no forced rating: MT-Bench uses its free-text ratings only", judge.name)
+        return "free_text"
+    if rating == "forced" and not hasattr(judge, "forced_rating"):
+        raise PipelineError(f"the {judge.name} judge cannot give forced ratings (it needs the model's own next-token distribution)",
+                            where="judge.mt_bench_rating", fix="use mt_bench_rating: free_text with an endpoint judge")
+    return rating
 
 
 def _mean_or_none(values: list[float]) -> float | None:
@@ -156,6 +197,8 @@ def aggregate(judgments: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "n_judgments": len(judgments),
         "n_rated": len(rated),
         "n_failures": len(judgments) - len(rated),
+        "n_forced": sum(1 for j in rated if j.get("rating_method") == "forced"),
+        "average_free_text": _mean_or_none([j["score"] for j in rated if j.get("rating_method") == "free_text"]),
         "n_empty_answers": sum(1 for j in judgments if j["empty_answer"]),
         "failures": [
             {"question_id": j["question_id"], "turn": j["turn"], "reason": j["failure"]}
@@ -176,6 +219,7 @@ def judge_check(
     limit: int | None,
     models: Sequence[str] | None = None,
     seed: int = 0,
+    rating: str = "free_text_then_forced",
 ) -> dict[str, Any]:
     """Grade the paper models' shipped answers and rank-correlate with their GPT-4 scores."""
     files = paper_answers(mirror)
@@ -194,11 +238,12 @@ def judge_check(
         for row in read_jsonl(files[name]):
             if row["question_id"] in wanted:
                 answers.append({"question_id": row["question_id"], "model_id": name, "turns": row["choices"][0]["turns"]})
-    judgments = grade(answers, questions, judge, mirror)
+    judgments = grade(answers, questions, judge, mirror, rating)
     per_model = {n: aggregate([j for j in judgments if j["model_id"] == n]) for n in names}
     ours = {n: s["average"] for n, s in per_model.items() if s["average"] is not None}
     return {
         "n_questions": len(questions),
-        "models": {n: {k: s[k] for k in ("average", "turn_1", "turn_2", "n_rated", "n_failures")} for n, s in per_model.items()},
+        "rating": rating,
+        "models": {n: {k: s[k] for k in ("average", "turn_1", "turn_2", "n_rated", "n_failures", "n_forced")} for n, s in per_model.items()},
         "rank_agreement": rank_agreement(ours, {n: float(reference_scores[n]) for n in names}),
     }
