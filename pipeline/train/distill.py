@@ -159,6 +159,7 @@ def distill_ratio(
     speed = throughput(result.tokens - resumed_tokens, seconds, matmul_parameters(student),
                        matmul_parameters(teacher) if params.teacher_logits == "online" else 0,
                        accelerator.device, accelerator.num_processes)
+    speed["peak_memory_gib_per_process"] = peak_memory_per_process(accelerator)
     trained_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
 
     metrics = {
@@ -175,8 +176,16 @@ def distill_ratio(
     write_outputs(accelerator, student, tokenizer, params, ratio, metrics, result.history, scores)
     if log_metrics is not None and accelerator.is_main_process:
         log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
-        log_metrics({f"throughput.{k}": float(v) for k, v in speed.items() if isinstance(v, (int, float))}, result.steps)
+        log_metrics({f"throughput.{k}": float(v) for k, v in speed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, result.steps)
     return metrics
+
+
+def peak_memory_per_process(accelerator) -> list[float] | None:
+    """Each process's peak GPU memory (GiB) during the stage, gathered to every rank; None on CPU."""
+    if accelerator.device.type != "cuda":
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_allocated(accelerator.device) / 2**30], device=accelerator.device)
+    return [round(float(x), 3) for x in accelerator.gather(peak).tolist()]
 
 
 def build_student(params: DistillParams, ratio: float, teacher, source, held_rows, pad_id: int):
