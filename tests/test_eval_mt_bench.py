@@ -167,6 +167,7 @@ def test_forced_rating_splits_the_first_digit_between_1_and_10(monkeypatch):
         return [{label: math.log(dist.get(label, 1e-30)) for label in labels} for _ in conversations]
 
     monkeypatch.setattr(judge_module, "next_token_logprobs", fake_logprobs)
+    monkeypatch.setattr(judge_module, "two_step_logprobs", lambda *args, **kwargs: None)  # the two-pass path
     local = object.__new__(judge_module.LocalJudge)
     local.model, local.tokenizer, local.gen = None, DigitTokenizer(), GenerationConfig(batch_size=2)
     [result] = local.forced_rating([[{"role": "user", "content": "rate"}]])
@@ -185,3 +186,19 @@ def test_forced_rating_from_a_tiny_local_judge(tiny_chat_model):  # noqa: F811
     judgments = mt_bench.grade(answers, _questions(), judge, mirror, rating="forced")
     assert all(j["rating_method"] == "forced" and 1.0 <= j["score"] <= 10.0 for j in judgments)
     assert all(0.0 < j["forced_mass"] <= 1.0 + 1e-6 for j in judgments)
+
+
+def test_one_pass_two_step_logprobs_equal_two_separate_passes(tiny_chat_model):  # noqa: F811
+    from pipeline.eval.generation import load_chat_model, next_token_logprobs, two_step_logprobs
+
+    model, tokenizer = load_chat_model(tiny_chat_model, "float32", device="cpu")
+    conversations = [[{"role": "user", "content": "rate the answer " * n}] for n in (1, 3, 7)]  # left padding
+    digits = [str(d) for d in range(1, 10)]
+    prefix = "Rating: [["
+    both = two_step_logprobs(model, tokenizer, conversations, prefix, digits, "1", ["0", "]"], batch_size=3, desc="t")
+    if both is None:
+        pytest.skip("the tiny tokenizer merges '1' into the prefix's last token")
+    first = next_token_logprobs(model, tokenizer, conversations, digits, 3, "t", prefix)
+    second = next_token_logprobs(model, tokenizer, conversations, ["0", "]"], 3, "t", prefix + "1")
+    for (a, b), f, g in zip(both, first, second):
+        assert a == pytest.approx(f, abs=1e-4) and b == pytest.approx(g, abs=1e-4)

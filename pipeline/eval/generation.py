@@ -135,3 +135,36 @@ def next_token_logprobs(
                 scores[i] = {label: logprobs[row, tid].item() for label, tid in label_ids.items()}
             bar.update(len(idx))
     return scores
+
+
+@torch.inference_mode()
+def two_step_logprobs(
+    model, tokenizer, conversations: Sequence[Conversation], answer_prefix: str, first_labels: Sequence[str],
+    bridge: str, second_labels: Sequence[str], batch_size: int, desc: str,
+) -> list[tuple[dict[str, float], dict[str, float]]] | None:
+    """In one forward pass: the log-probabilities of ``first_labels`` as the next answer token after
+    ``answer_prefix``, and of ``second_labels`` after ``answer_prefix + bridge``.
+
+    Reads the logits at the last two positions of ``prompt + answer_prefix + bridge``, so it holds
+    only when ``bridge`` adds exactly one token there; returns None when it does not for some
+    conversation (the caller then makes two calls of :func:`next_token_logprobs`).
+    """
+    first_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in first_labels}
+    second_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in second_labels}
+    bridge_ids = tokenizer(bridge, add_special_tokens=False)["input_ids"]
+    prompts = [p + answer_prefix for p in chat_prompts(tokenizer, conversations)]
+    for p in prompts:
+        if tokenizer(p + bridge, add_special_tokens=False)["input_ids"] != tokenizer(p, add_special_tokens=False)["input_ids"] + bridge_ids[:1] or len(bridge_ids) != 1:
+            return None
+    prompts = [p + bridge for p in prompts]
+    scores: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in prompts]
+    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
+        for idx in _batches_longest_first(prompts, tokenizer, batch_size):
+            enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
+            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            logprobs = torch.log_softmax(model(**enc, position_ids=positions).logits[:, -2:, :].float(), dim=-1)
+            for row, i in enumerate(idx):
+                scores[i] = ({label: logprobs[row, 0, tid].item() for label, tid in first_ids.items()},
+                             {label: logprobs[row, 1, tid].item() for label, tid in second_ids.items()})
+            bar.update(len(idx))
+    return scores

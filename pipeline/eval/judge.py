@@ -16,7 +16,9 @@ import os
 from typing import Any, Protocol, Sequence
 
 from pipeline.errors import PipelineError
-from pipeline.eval.generation import Conversation, GenerationConfig, generate_chat, load_chat_model, next_token_logprobs
+from pipeline.eval.generation import (
+    Conversation, GenerationConfig, generate_chat, load_chat_model, next_token_logprobs, two_step_logprobs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +57,18 @@ class LocalJudge:
         P("0" | prefix + "1") to split the first digit's mass between 1 and 10.
         """
         ratings = [str(r) for r in range(1, 11)]
-        first = next_token_logprobs(self.model, self.tokenizer, conversations, ratings, self.gen.batch_size, desc, prefix)
         ten_shares_one = self.tokenizer("10", add_special_tokens=False)["input_ids"][0] == \
             self.tokenizer("1", add_special_tokens=False)["input_ids"][0]
-        if ten_shares_one:
-            stops = next_token_logprobs(self.model, self.tokenizer, conversations, ["0", "]"], self.gen.batch_size, desc, prefix + "1")
+        both = None
+        if ten_shares_one:  # one pass over prompt + prefix + "1" reads both steps when "1" is its own token
+            both = two_step_logprobs(self.model, self.tokenizer, conversations, prefix, ratings, "1", ["0", "]"],
+                                     self.gen.batch_size, desc)
+        if both is not None:
+            first, stops = [a for a, _ in both], [b for _, b in both]
+        else:
+            first = next_token_logprobs(self.model, self.tokenizer, conversations, ratings, self.gen.batch_size, desc, prefix)
+            if ten_shares_one:
+                stops = next_token_logprobs(self.model, self.tokenizer, conversations, ["0", "]"], self.gen.batch_size, desc, prefix + "1")
         out = []
         for i, logprobs in enumerate(first):
             probs = {int(r): math.exp(logprobs[r]) for r in ratings if r != "10"}
