@@ -140,7 +140,7 @@ def training_kwargs(params: TrainParams, output_dir: str | Path) -> dict[str, An
         save_steps=params.save_steps,
         save_total_limit=1,
         report_to="none",  # metrics reach MLflow through ForwardLogs, inside the stage's own run
-        disable_tqdm=True,
+        disable_tqdm=False,  # a progress bar with ETA on long runs (DVC shows the stage output)
         padding_free=False,  # never several sequences per row: see pipeline.train.callbacks
         dataloader_num_workers=0,
     )
