@@ -108,36 +108,47 @@ def generate_chat(
     return outputs
 
 
-@torch.inference_mode()
-def next_token_logprobs(
-    model, tokenizer, conversations: Sequence[Conversation], labels: Sequence[str], batch_size: int, desc: str,
-    answer_prefix: str | Sequence[str] = "",
-) -> list[dict[str, float]]:
-    """Log-probability of each label as the next answer token, per conversation.
+def _first_token_ids(tokenizer, labels: Sequence[str]) -> dict[str, int]:
+    return {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
 
-    A label that the tokenizer splits into several tokens is scored by its first token,
-    which is what an API's ``top_logprobs`` of the first generated token gives too.
-    ``answer_prefix`` (one for all, or one per conversation) is written into the answer first,
-    so the label is read at the point the prefix leads to (e.g. after ``Rating: [[``).
-    """
-    label_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels}
-    prefixes = [answer_prefix] * len(conversations) if isinstance(answer_prefix, str) else list(answer_prefix)
-    prompts = [p + prefix for p, prefix in zip(chat_prompts(tokenizer, conversations), prefixes)]
-    scores: list[dict[str, float]] = [{} for _ in prompts]
+
+@torch.inference_mode()
+def _last_positions_logprobs(
+    model, tokenizer, prompts: Sequence[str], ids_per_position: Sequence[dict[str, int]], batch_size: int, desc: str,
+) -> list[list[dict[str, float]]]:
+    """Per prompt, for each of its last ``len(ids_per_position)`` positions (oldest first), the
+    log-probabilities of that position's token ids as the next token; one batched forward pass."""
+    last = len(ids_per_position)
+    scores: list[list[dict[str, float]]] = [[] for _ in prompts]
     with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
         for idx in _batches_longest_first(prompts, tokenizer, batch_size):
             enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
             # left padding: positions must count real tokens only, as generate() does
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logits = model(**enc, position_ids=positions).logits[:, -1, :].float()
-            logprobs = torch.log_softmax(logits, dim=-1)
+            logprobs = torch.log_softmax(model(**enc, position_ids=positions).logits[:, -last:, :].float(), dim=-1)
             for row, i in enumerate(idx):
-                scores[i] = {label: logprobs[row, tid].item() for label, tid in label_ids.items()}
+                scores[i] = [{label: logprobs[row, k, tid].item() for label, tid in ids.items()}
+                             for k, ids in enumerate(ids_per_position)]
             bar.update(len(idx))
     return scores
 
 
-@torch.inference_mode()
+def next_token_logprobs(
+    model, tokenizer, conversations: Sequence[Conversation], labels: Sequence[str], batch_size: int, desc: str,
+    answer_prefix: str = "",
+) -> list[dict[str, float]]:
+    """Log-probability of each label as the next answer token, per conversation.
+
+    A label that the tokenizer splits into several tokens is scored by its first token,
+    which is what an API's ``top_logprobs`` of the first generated token gives too.
+    ``answer_prefix`` is written into the answer first, so the label is read at the point the
+    prefix leads to (e.g. after ``Rating: [[``).
+    """
+    prompts = [p + answer_prefix for p in chat_prompts(tokenizer, conversations)]
+    scores = _last_positions_logprobs(model, tokenizer, prompts, [_first_token_ids(tokenizer, labels)], batch_size, desc)
+    return [first for (first,) in scores]
+
+
 def two_step_logprobs(
     model, tokenizer, conversations: Sequence[Conversation], answer_prefix: str, first_labels: Sequence[str],
     bridge: str, second_labels: Sequence[str], batch_size: int, desc: str,
@@ -149,22 +160,13 @@ def two_step_logprobs(
     only when ``bridge`` adds exactly one token there; returns None when it does not for some
     conversation (the caller then makes two calls of :func:`next_token_logprobs`).
     """
-    first_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in first_labels}
-    second_ids = {label: tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in second_labels}
     bridge_ids = tokenizer(bridge, add_special_tokens=False)["input_ids"]
+    if len(bridge_ids) != 1:
+        return None
     prompts = [p + answer_prefix for p in chat_prompts(tokenizer, conversations)]
     for p in prompts:
-        if tokenizer(p + bridge, add_special_tokens=False)["input_ids"] != tokenizer(p, add_special_tokens=False)["input_ids"] + bridge_ids[:1] or len(bridge_ids) != 1:
+        if tokenizer(p + bridge, add_special_tokens=False)["input_ids"] != tokenizer(p, add_special_tokens=False)["input_ids"] + bridge_ids:
             return None
-    prompts = [p + bridge for p in prompts]
-    scores: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in prompts]
-    with tqdm(total=len(prompts), desc=desc, unit="prompt") as bar:
-        for idx in _batches_longest_first(prompts, tokenizer, batch_size):
-            enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
-            positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logprobs = torch.log_softmax(model(**enc, position_ids=positions).logits[:, -2:, :].float(), dim=-1)
-            for row, i in enumerate(idx):
-                scores[i] = ({label: logprobs[row, 0, tid].item() for label, tid in first_ids.items()},
-                             {label: logprobs[row, 1, tid].item() for label, tid in second_ids.items()})
-            bar.update(len(idx))
-    return scores
+    ids = [_first_token_ids(tokenizer, first_labels), _first_token_ids(tokenizer, second_labels)]
+    scores = _last_positions_logprobs(model, tokenizer, [p + bridge for p in prompts], ids, batch_size, desc)
+    return [(first, second) for first, second in scores]

@@ -126,9 +126,10 @@ def grade(
             conversations.append(judge_conversation(question, answer["turns"], turn, prompts, references))
     if rating == "forced":
         replies = [""] * len(conversations)
+        parsed = [(None, "not asked (forced rating)")] * len(conversations)
     else:
         replies = judge.complete(conversations, desc="mt_bench judge")
-    parsed = [parse_rating(reply) if rating != "forced" else (None, "not asked (forced rating)") for reply in replies]
+        parsed = [parse_rating(reply) for reply in replies]
     forced: dict[int, dict[str, Any]] = {}
     if rating != "free_text":
         todo = [i for i, (score, _) in enumerate(parsed) if score is None]

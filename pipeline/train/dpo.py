@@ -22,8 +22,6 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from trl import DPOConfig, DPOTrainer
 
 from pipeline.data.preferences import (
@@ -34,6 +32,7 @@ from pipeline.data.preferences import (
     read_pseudo_labels,
 )
 from pipeline.errors import PipelineError
+from pipeline.eval.generation import default_device
 from pipeline.train.sft import TrainParams, load_frozen, training_kwargs
 
 log = logging.getLogger(__name__)
@@ -78,8 +77,7 @@ def build_pairs(params: DPOParams, student, tokenizer, base_dir: str | Path | No
     labels_dir = Path(spec.get("pseudo_labels_dir", "data/pseudo_labels"))
     conversations = read_pseudo_labels(labels_dir if labels_dir.is_absolute() else base / labels_dir)
     teacher_dir = Path(params.teacher_dir)
-    if torch.cuda.is_available():
-        student.to("cuda")  # sampling the rejected answers is generation: on the GPU when there is one
+    student.to(default_device())  # sampling the rejected answers is generation: on the GPU when there is one
     teacher = load_frozen(teacher_dir if teacher_dir.is_absolute() else base / teacher_dir, like=student).to(student.device)
     report = PreferenceReport(source=spec)
     pairs = build_self_pairs(conversations, student, teacher, tokenizer, self_params, report)
