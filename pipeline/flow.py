@@ -7,12 +7,21 @@ when the graph allows (DVC releases its repo lock while a stage command runs; ``
 serialises the short lock/commit steps). The flow opens the MLflow parent run and hands its id to
 every stage via ``PIPELINE_PARENT_RUN_ID`` (see pipeline/tracking.py).
 
+Stages that time the hardware (``speed@*``, :data:`EXCLUSIVE_STAGES`) run alone: a
+:class:`StageGate` lets them start only when nothing else runs, so that side-by-side stages never
+share the GPU with a measurement.
+
+``--runner threads`` runs the same plan on a plain thread pool, with no Prefect import: for a
+bare machine (the offline GPU box) that has DVC and MLflow but not Prefect's server stack. It keeps
+going past a failed stage (skipping only what depends on it), like ``dvc repro --keep-going``, and
+prints a table of every stage's outcome and wall time.
+
 Runs in Prefect's ephemeral mode (no server needed). Prefect state lives in a repo-local,
 git-ignored ``.prefect/``; analytics are off (offline machines log a telemetry error otherwise).
 With a server (``prefect server start --host 127.0.0.1`` and
 ``PREFECT_API_URL=http://127.0.0.1:4200/api``) the same command shows up in the UI.
 
-    python -m pipeline.flow [--params params.yaml] [--target STAGE] [--jobs 2]
+    python -m pipeline.flow [--params params.yaml] [--target STAGE] [--jobs 2] [--runner prefect|threads]
 """
 
 from __future__ import annotations
@@ -23,12 +32,56 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.tracking import PARENT_RUN_ENV, repo_root
 
 FLOW_NAME = "mamba-in-llama"
+EXCLUSIVE_STAGES = ("speed",)  # stage families that measure speed: they never share the machine
+
+
+def is_exclusive(stage: str) -> bool:
+    return stage.split("@", 1)[0] in EXCLUSIVE_STAGES
+
+
+class StageGate:
+    """Admission for concurrent stages: any number of shared ones, or one exclusive one alone.
+
+    A waiting exclusive stage holds back new shared ones (else a steady stream of short stages
+    could starve it); stages already running finish first.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+        self._exclusive_waiting = 0
+
+    @contextmanager
+    def admit(self, exclusive: bool):
+        with self._cond:
+            if exclusive:
+                self._exclusive_waiting += 1
+                self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._exclusive_waiting -= 1
+                self._exclusive = True
+            else:
+                self._cond.wait_for(lambda: not self._exclusive and self._exclusive_waiting == 0)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                if exclusive:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
 
 
 def prefect_environment(root: Path) -> dict[str, str]:
@@ -105,22 +158,106 @@ def repro_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
 
 
+def repro_stage_process(root: Path, stage: str, parent_run_id: str, gate: StageGate) -> tuple[int, list[str], float]:
+    """Run one stage through DVC (alone if it is exclusive): exit status, output lines, wall seconds."""
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
+    with gate.admit(is_exclusive(stage)):
+        started = time.perf_counter()
+        result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
+        seconds = time.perf_counter() - started
+    output = (result.stdout + result.stderr).replace("\r", "\n")
+    return result.returncode, [line for line in output.splitlines() if line.strip()], seconds
+
+
+def chain_lengths(graph: dict[str, set[str]]) -> dict[str, int]:
+    """Per stage, the number of stages on its longest downstream chain (itself included)."""
+    downstream: dict[str, set[str]] = {stage: set() for stage in graph}
+    for stage, upstream in graph.items():
+        for name in upstream:
+            downstream[name].add(stage)
+    lengths: dict[str, int] = {}
+    for stage in reversed(topological_order(graph)):
+        lengths[stage] = 1 + max((lengths[d] for d in downstream[stage]), default=0)
+    return lengths
+
+
+def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent_run_id: str,
+                log=print) -> dict[str, tuple[str, float]]:
+    """Run the plan on up to ``jobs`` threads, keeping going past failures; ``{stage: (outcome, seconds)}``.
+
+    A stage starts once all its upstream stages succeeded, longest downstream chain first (the
+    critical path is never queued behind side branches); a failed stage's downstream is marked
+    ``skipped``. Exclusive stages wait until no other stage runs or is ready, then run alone.
+    Outcomes: ``done`` / ``failed (exit N)`` / ``skipped (after X)``.
+    """
+    gate = StageGate()
+    order = topological_order(graph)
+    priority = chain_lengths(graph)
+    outcome: dict[str, tuple[str, float]] = {}
+    running: dict = {}
+
+    def start(stage: str) -> None:
+        log(f"[flow] {stage}: start")
+        running[pool.submit(repro_stage_process, root, stage, parent_run_id, gate)] = stage
+
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        while len(outcome) < len(order):
+            ready = []
+            for stage in order:
+                if stage in outcome or stage in running.values():
+                    continue
+                failed_up = sorted(u for u in graph[stage] if u in outcome and outcome[u][0] != "done")
+                if failed_up:
+                    outcome[stage] = (f"skipped (after {failed_up[0]})", 0.0)
+                    log(f"[flow] {stage}: skipped, {failed_up[0]} did not succeed")
+                elif all(outcome.get(u, ("",))[0] == "done" for u in graph[stage]):
+                    ready.append(stage)
+            ready.sort(key=lambda name: -priority[name])
+            shared = [name for name in ready if not is_exclusive(name)]
+            if not any(is_exclusive(name) for name in running.values()):
+                for stage in shared[: jobs - len(running)]:
+                    start(stage)
+                if not running and ready:
+                    start(ready[0])  # only exclusive stages are left: one at a time
+            if not running:
+                continue  # only skips happened this round; look again
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for future in finished:
+                stage = running.pop(future)
+                try:
+                    code, lines, seconds = future.result()
+                except Exception as exc:  # noqa: BLE001 - reported as the stage's failure
+                    code, lines, seconds = -1, [repr(exc)], 0.0
+                if code == 0:
+                    outcome[stage] = ("done", seconds)
+                    log(f"[flow] {stage}: done in {seconds:.1f} s")
+                else:
+                    outcome[stage] = (f"failed (exit {code})", seconds)
+                    log(f"[flow] {stage}: FAILED (exit {code}) after {seconds:.1f} s; last lines:\n" + "\n".join(lines[-40:]))
+    return outcome
+
+
+def outcome_table(outcome: dict[str, tuple[str, float]], order: list[str]) -> str:
+    rows = [f"{'stage':<24} {'outcome':<28} {'wall s':>8}"]
+    rows += [f"{stage:<24} {outcome[stage][0]:<28} {outcome[stage][1]:>8.1f}" for stage in order if stage in outcome]
+    return "\n".join(rows)
+
+
 def build_flow(root: Path, jobs: int):
     from prefect import flow, get_run_logger, task
     from prefect.cache_policies import NO_CACHE
     from prefect.task_runners import ThreadPoolTaskRunner
 
+    gate = StageGate()
+
     @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
     def repro_stage(stage: str, parent_run_id: str) -> str:
         logger = get_run_logger()
         logger.info("dvc repro --single-item %s", stage)
-        env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
-        result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
-        output = (result.stdout + result.stderr).replace("\r", "\n")
-        lines = [line for line in output.splitlines() if line.strip()]
-        if result.returncode != 0:
-            logger.error("stage %s failed (exit %d):\n%s", stage, result.returncode, "\n".join(lines[-40:]))
-            raise RuntimeError(f"dvc repro {stage} failed with exit status {result.returncode}")
+        code, lines, _ = repro_stage_process(root, stage, parent_run_id, gate)
+        if code != 0:
+            logger.error("stage %s failed (exit %d):\n%s", stage, code, "\n".join(lines[-40:]))
+            raise RuntimeError(f"dvc repro {stage} failed with exit status {code}")
         logger.info("stage %s done:\n%s", stage, "\n".join(line for line in lines if "|" not in line)[-4000:])
         return stage
 
@@ -157,15 +294,40 @@ def _params(root: Path) -> dict:
     return load_params(root / "params.yaml")
 
 
+def threads_pipeline(root: Path, target: str | None, jobs: int) -> int:
+    """The flow without Prefect: same plan, same MLflow parent run; exit status 1 if a stage failed."""
+    from pipeline import tracking
+
+    graph = upstream_closure(stage_graph(root), target)
+    order = topological_order(graph)
+    print("[flow] stages in DVC order: " + ", ".join(order), flush=True)
+    mlflow_client, experiment_id = tracking.client(_params(root))
+    group = f"threads-{time.strftime('%Y%m%d-%H%M%S')}"
+    parent = tracking.open_parent_run(mlflow_client, experiment_id, f"flow {group}", group, root)
+    try:
+        outcome = run_threads(root, graph, jobs, parent, log=lambda line: print(line, flush=True))
+    except BaseException:
+        mlflow_client.set_terminated(parent, "FAILED")
+        raise
+    ok = all(result == "done" for result, _ in outcome.values())
+    mlflow_client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    print(outcome_table(outcome, order), flush=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.flow", description="Run the DVC stages as a Prefect flow.")
     parser.add_argument("--params", default="params.yaml", type=Path, help="params profile (copied onto params.yaml)")
     parser.add_argument("--target", default=None, help="run only this stage and what it needs (default: all)")
     parser.add_argument("--jobs", default=2, type=int, help="stages run at once where the graph allows (default 2)")
+    parser.add_argument("--runner", default="prefect", choices=("prefect", "threads"),
+                        help="prefect (default) or threads: a plain thread pool, no Prefect needed")
     args = parser.parse_args(argv)
     root = repo_root()
     try:
         use_params(args.params, root)
+        if args.runner == "threads":
+            sys.exit(threads_pipeline(root, args.target, max(1, args.jobs)))
         for key, value in prefect_environment(root).items():
             os.environ.setdefault(key, value)
         flow = build_flow(root, max(1, args.jobs))

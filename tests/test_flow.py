@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +46,82 @@ def test_params_profile_never_overwrites_uncommitted_edits(tmp_path):
     (tmp_path / "other.yaml").write_text("a: 3\n")
     with pytest.raises(PipelineError, match="uncommitted"):
         use_params(tmp_path / "other.yaml", tmp_path)
+
+
+def fake_stages(monkeypatch, fail=(), seconds=0.05):
+    """Replace the DVC subprocess by a sleep that records which stages ran at the same time."""
+    import threading
+    import time
+
+    from pipeline import flow
+
+    lock, running, overlaps, started = threading.Lock(), set(), [], []
+
+    def fake(root, stage, parent_run_id, gate):
+        with gate.admit(flow.is_exclusive(stage)):
+            with lock:
+                started.append(stage)
+                overlaps.append((stage, frozenset(running)))
+                running.add(stage)
+            time.sleep(seconds)
+            with lock:
+                running.discard(stage)
+        return (3 if stage in fail else 0), [f"{stage} output"], seconds
+
+    monkeypatch.setattr(flow, "repro_stage_process", fake)
+    return overlaps, started
+
+
+def test_threads_runner_runs_side_by_side_but_speed_alone(monkeypatch):
+    from pipeline.flow import run_threads
+
+    graph = {"a": set(), "lm_eval@x": {"a"}, "lm_eval@y": {"a"}, "mt_bench@x": {"a"}, "speed@x": {"a"}, "speed@y": {"a"},
+             "report": {"lm_eval@x", "lm_eval@y", "mt_bench@x", "speed@x", "speed@y"}}
+    overlaps, started = fake_stages(monkeypatch)
+    outcome = run_threads(Path("."), graph, jobs=4, parent_run_id="p", log=lambda line: None)
+    assert all(result == "done" for result, _ in outcome.values()) and set(outcome) == set(graph)
+    assert started[0] == "a" and started[-1] == "report"
+    together = {stage: others for stage, others in overlaps}
+    assert together["speed@x"] == frozenset() and together["speed@y"] == frozenset()
+    assert not any("speed@" in s for others in together.values() for s in others)
+    assert any(len(others) >= 1 for stage, others in overlaps if stage.startswith(("lm_eval", "mt_bench")))
+    assert set(started[-3:-1]) == {"speed@x", "speed@y"}  # timing stages wait for everything else
+
+
+def test_threads_runner_starts_the_longest_chain_first(monkeypatch):
+    from pipeline.flow import chain_lengths, run_threads
+
+    graph = {"teacher": set(), "side": {"teacher"}, "prompts": {"teacher"}, "labels": {"prompts"}, "distill": {"labels"}}
+    assert chain_lengths(graph) == {"teacher": 4, "side": 1, "prompts": 3, "labels": 2, "distill": 1}
+    _, started = fake_stages(monkeypatch)
+    run_threads(Path("."), graph, jobs=1, parent_run_id="p", log=lambda line: None)
+    assert started == ["teacher", "prompts", "labels", "side", "distill"]  # side waits behind the chain
+
+
+def test_threads_runner_keeps_going_past_a_failure(monkeypatch):
+    from pipeline.flow import outcome_table, run_threads, topological_order
+
+    graph = {"a": set(), "b": {"a"}, "c": {"b"}, "d": {"a"}, "e": {"c", "d"}}
+    fake_stages(monkeypatch, fail=("b",))
+    outcome = run_threads(Path("."), graph, jobs=2, parent_run_id="p", log=lambda line: None)
+    assert outcome["a"][0] == outcome["d"][0] == "done"
+    assert outcome["b"][0] == "failed (exit 3)"
+    assert outcome["c"][0] == "skipped (after b)" and outcome["e"][0] == "skipped (after c)"
+    table = outcome_table(outcome, topological_order(graph))
+    assert "failed (exit 3)" in table and table.count("\n") == len(graph)
+
+
+def test_dvc_yaml_resolves_with_file_sources_for_sft_and_dpo(tmp_path, monkeypatch):
+    """The documented alternatives to the pseudo-labels (sft.data / dpo.pairs from files) carry no
+    ``dir`` key, so dvc.yaml must not interpolate one."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sft"]["data"] = {"kind": "files", "paths": ["sft.jsonl"]}
+    params["dpo"]["pairs"] = {"kind": "files", "paths": ["pairs.jsonl"]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy2(REPO / "dvc.yaml", tmp_path / "dvc.yaml")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    monkeypatch.chdir(tmp_path)  # DVC addresses stages relative to the working directory
+    graph = stage_graph(tmp_path)
+    assert {"sft@0.5", "dpo@0.875"} <= set(graph) and "sft@0.5" in graph["dpo@0.5"]

@@ -157,6 +157,13 @@ def test_flow_reruns_only_pseudo_labels_after_a_generation_param_change(e2e):
     assert [c.data.tags["stage"] for c in children] == ["pseudo_labels"]  # DVC skipped the up-to-date stages
 
 
+def test_threads_runner_without_prefect_finds_everything_up_to_date(e2e):
+    output = sh(e2e, sys.executable, "-m", "pipeline.flow", "--runner", "threads", "--target", "pseudo_labels", "--jobs", "2")
+    assert ran(output) == [] and "Traceback" not in output, output[-6000:]
+    table = output[output.index("stage "):]
+    assert all(f"{stage} " in table for stage in STAGES) and table.count(" done ") == len(STAGES)
+
+
 def tracking_client(e2e):
     import mlflow
 

@@ -19,43 +19,11 @@ import pytest
 import yaml
 
 from tests.test_pipeline_e2e import repo_files
-from tests.tiny_teacher import build_tiny_teacher
+from tests.tiny_teacher import PROMPTS, build_tiny_teacher, tiny_profile
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data"
-PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.",
-           "What is 2 + 2?", "Say hello.", "Describe a cat.", "Why is the sky blue?", "Count to five."]
-
 pytestmark = pytest.mark.slow
-
-
-def tiny_profile(params: dict, mirror: str) -> dict:
-    """The default params.yaml with every size cut down, so each stage runs in seconds."""
-    models = {"0.875": "models/dpo_0.875"}
-    p = params
-    p["teacher"].update(source="tiny-teacher")
-    p["prompts"].update(source={"kind": "files", "paths": ["prompts.jsonl"]}, eval_files=[])
-    p["pseudo_labels"].update(max_new_tokens=12, batch_size=8, shard_size=4)
-    p["distill"].update(seq_len=64, global_batch_size=2, max_train_tokens=256, checkpoint_every=2,
-                        held_out=2, eval_batch_size=2, sensitivity_rows=2)
-    p["sft"].update(max_examples=4, max_steps=2, per_device_batch_size=2, grad_accum=1, max_length=64, save_steps=1)
-    p["dpo"]["pairs"].update(max_prompts=4, max_new_tokens=8, batch_size=4)
-    p["dpo"].update(max_steps=2, per_device_batch_size=1, grad_accum=1, max_length=64, save_steps=1)
-    p["draft"].update(num_layers=2, cpu_steps=2, batch_size=2, seq_len=32)
-    p["speed"].update(models=models, cpu={"k": [1, 2], "prompt_lengths": [8], "new_tokens": 4,
-                                          "plain_batch_sizes": [1], "repeats": 1, "dtype": "float32"})
-    p["judge"].update(batch_size=4, max_new_tokens=8)
-    p["lm_eval"].update(models=models, data_mirror=mirror, limit=2, batch_size=4,
-                        suites={"zero_shot": {"num_fewshot": 0, "tasks": ["arc_easy", "piqa"]}})
-    for name in ("alpaca_eval", "mt_bench"):
-        p[name].update(models=models, data_mirror=mirror, limit=2)
-        p[name]["generation"].update(max_new_tokens=8, batch_size=4)
-    p["judge_check"].update(data_mirror=mirror)
-    p["judge_check"]["alpaca_eval"].update(limit=1, models=["alpaca-7b", "gpt-3.5-turbo-1106"])
-    p["judge_check"]["mt_bench"].update(limit=1, models=["Mamba2InLlama_0_50", "Mamba2InLlama_0_875"])
-    p["report"].update(models=["0.875"])
-    p["tracking"] = {"experiment": "full"}
-    return p
 
 
 @pytest.fixture(scope="module")
