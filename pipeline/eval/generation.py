@@ -125,7 +125,10 @@ def _last_positions_logprobs(
             enc = _encode(tokenizer, [prompts[i] for i in idx], model.device)
             # left padding: positions must count real tokens only, as generate() does
             positions = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            logprobs = torch.log_softmax(model(**enc, position_ids=positions).logits[:, -last:, :].float(), dim=-1)
+            # only the last positions go through the LM head: full logits of a judge batch
+            # (160 prompts x ~2k tokens x 49k vocabulary) would need tens of GiB
+            logits = model(**enc, position_ids=positions, logits_to_keep=last, use_cache=False).logits
+            logprobs = torch.log_softmax(logits[:, -last:, :].float(), dim=-1)
             for row, i in enumerate(idx):
                 scores[i] = [{label: logprobs[row, k, tid].item() for label, tid in ids.items()}
                              for k, ids in enumerate(ids_per_position)]
