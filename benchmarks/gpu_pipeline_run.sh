@@ -61,10 +61,14 @@ repro)
   snapshot
   cp params-gpu.yaml params.yaml
   rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous call's timeout may have left DVC's locks behind
+  # Every call re-copies the working tree, whose committed dvc.lock (the CPU run's) would replace the
+  # one the last call wrote, and DVC would rerun finished stages: keep the machine's own in /tmp.
+  if [ -f /tmp/dvc.lock.gpu ]; then cp /tmp/dvc.lock.gpu dvc.lock; fi
   # the whole graph, independent stages side by side; a timeout kills the process group, and the
   # next call resumes (DVC skips finished stages, training stages continue from their checkpoints)
   timeout -k 10 "${REPRO_TIMEOUT:-540}" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" 2>&1 | tee -a "$OUT/repro.log"
   status=${PIPESTATUS[0]}
+  cp dvc.lock /tmp/dvc.lock.gpu 2>/dev/null
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
   python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"
   cp dvc.lock "$OUT/dvc.lock" 2>/dev/null
