@@ -45,13 +45,11 @@ def main() -> None:
     args = ap.parse_args()
     import yaml
 
-    from tests.tiny_teacher import PROMPTS, build_tiny_teacher, tiny_profile
+    from tests.tiny_teacher import PROMPTS, build_tiny_teacher, repo_files, tiny_profile
 
     repo = args.workdir / "repo"
     shutil.rmtree(args.workdir, ignore_errors=True)
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, check=True).stdout.decode()
-    for name in sorted({f for f in listed.split("\0") if f and (REPO / f).is_file()}):
+    for name in repo_files():
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, repo / name)
     build_tiny_teacher(repo / "tiny-teacher", num_layers=8, hidden_size=256, num_heads=4, num_kv_heads=2,

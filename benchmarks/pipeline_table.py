@@ -8,18 +8,17 @@ tables; from the metrics JSONs the stages write (reports/metrics/ or an unpacked
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.eval.report import read_metrics  # noqa: E402
 
 # The paper (Llama-3-8B-Instruct teacher -> Mamba2 hybrids, Table 1/2): student / teacher.
 PAPER_RETENTION = {"0.5": {"zero_shot": 1.01, "mt_bench": 0.92},
                    "0.75": {"zero_shot": 0.96, "mt_bench": 0.84},
                    "0.875": {"zero_shot": 0.92, "mt_bench": 0.81}}
-
-
-def load(metrics: Path, name: str) -> dict:
-    path = metrics / f"{name}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -39,7 +38,7 @@ def main() -> None:
     ap.add_argument("--metrics", default="reports/metrics", type=Path)
     ap.add_argument("--models", nargs="+", default=["teacher", "0.5", "0.75", "0.875"])
     args = ap.parse_args()
-    m = {model: {kind: load(args.metrics, f"{kind}_{model}") for kind in
+    m = {model: {kind: read_metrics(args.metrics / f"{kind}_{model}.json") for kind in
                  ("distill", "sft", "dpo", "lm_eval", "alpaca_eval", "mt_bench", "speed")} for model in args.models}
 
     rows = []

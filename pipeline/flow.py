@@ -7,9 +7,9 @@ when the graph allows (DVC releases its repo lock while a stage command runs; ``
 serialises the short lock/commit steps). The flow opens the MLflow parent run and hands its id to
 every stage via ``PIPELINE_PARENT_RUN_ID`` (see pipeline/tracking.py).
 
-Stages that time the hardware (``speed@*``, :data:`EXCLUSIVE_STAGES`) run alone: a
-:class:`StageGate` lets them start only when nothing else runs, so that side-by-side stages never
-share the GPU with a measurement.
+Stages that time the hardware (``speed@*``, :data:`EXCLUSIVE_STAGES`) run alone, so that
+side-by-side stages never share the GPU with a measurement: under Prefect, which submits every
+task at once, a :class:`StageGate` admits them; the thread runner schedules them last, one at a time.
 
 ``--runner threads`` runs the same plan on a plain thread pool, with no Prefect import: for a
 bare machine (the offline GPU box) that has DVC and MLflow but not Prefect's server stack. It keeps
@@ -158,13 +158,12 @@ def repro_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
 
 
-def repro_stage_process(root: Path, stage: str, parent_run_id: str, gate: StageGate) -> tuple[int, list[str], float]:
-    """Run one stage through DVC (alone if it is exclusive): exit status, output lines, wall seconds."""
+def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int, list[str], float]:
+    """Run one stage through DVC: exit status, output lines, wall seconds."""
     env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
-    with gate.admit(is_exclusive(stage)):
-        started = time.perf_counter()
-        result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
-        seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
     output = (result.stdout + result.stderr).replace("\r", "\n")
     return result.returncode, [line for line in output.splitlines() if line.strip()], seconds
 
@@ -190,7 +189,6 @@ def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent_run_id
     ``skipped``. Exclusive stages wait until no other stage runs or is ready, then run alone.
     Outcomes: ``done`` / ``failed (exit N)`` / ``skipped (after X)``.
     """
-    gate = StageGate()
     order = topological_order(graph)
     priority = chain_lengths(graph)
     outcome: dict[str, tuple[str, float]] = {}
@@ -198,7 +196,7 @@ def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent_run_id
 
     def start(stage: str) -> None:
         log(f"[flow] {stage}: start")
-        running[pool.submit(repro_stage_process, root, stage, parent_run_id, gate)] = stage
+        running[pool.submit(repro_stage_process, root, stage, parent_run_id)] = stage
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while len(outcome) < len(order):
@@ -254,7 +252,8 @@ def build_flow(root: Path, jobs: int):
     def repro_stage(stage: str, parent_run_id: str) -> str:
         logger = get_run_logger()
         logger.info("dvc repro --single-item %s", stage)
-        code, lines, _ = repro_stage_process(root, stage, parent_run_id, gate)
+        with gate.admit(is_exclusive(stage)):
+            code, lines, _ = repro_stage_process(root, stage, parent_run_id)
         if code != 0:
             logger.error("stage %s failed (exit %d):\n%s", stage, code, "\n".join(lines[-40:]))
             raise RuntimeError(f"dvc repro {stage} failed with exit status {code}")

@@ -57,15 +57,14 @@ def fake_stages(monkeypatch, fail=(), seconds=0.05):
 
     lock, running, overlaps, started = threading.Lock(), set(), [], []
 
-    def fake(root, stage, parent_run_id, gate):
-        with gate.admit(flow.is_exclusive(stage)):
-            with lock:
-                started.append(stage)
-                overlaps.append((stage, frozenset(running)))
-                running.add(stage)
-            time.sleep(seconds)
-            with lock:
-                running.discard(stage)
+    def fake(root, stage, parent_run_id):
+        with lock:
+            started.append(stage)
+            overlaps.append((stage, frozenset(running)))
+            running.add(stage)
+        time.sleep(seconds)
+        with lock:
+            running.discard(stage)
         return (3 if stage in fail else 0), [f"{stage} output"], seconds
 
     monkeypatch.setattr(flow, "repro_stage_process", fake)
@@ -125,3 +124,33 @@ def test_dvc_yaml_resolves_with_file_sources_for_sft_and_dpo(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)  # DVC addresses stages relative to the working directory
     graph = stage_graph(tmp_path)
     assert {"sft@0.5", "dpo@0.875"} <= set(graph) and "sft@0.5" in graph["dpo@0.5"]
+
+
+def test_stage_gate_lets_an_exclusive_stage_run_alone():
+    """The Prefect flow submits every task at once; the gate alone keeps speed@* away from the rest."""
+    import threading
+    import time
+
+    from pipeline.flow import StageGate, is_exclusive
+
+    gate, lock, running, seen = StageGate(), threading.Lock(), set(), {}
+
+    def stage(name):
+        with gate.admit(is_exclusive(name)):
+            with lock:
+                seen[name] = frozenset(running)
+                running.add(name)
+            time.sleep(0.05)
+            with lock:
+                running.discard(name)
+
+    names = ["lm_eval@a", "speed@a", "lm_eval@b", "mt_bench@a", "speed@b", "alpaca_eval@a"]
+    threads = [threading.Thread(target=stage, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.005)
+    for thread in threads:
+        thread.join()
+    assert seen["speed@a"] == frozenset() and seen["speed@b"] == frozenset()
+    assert not any(s.startswith("speed@") for others in seen.values() for s in others)
+    assert any(others for name, others in seen.items() if not is_exclusive(name))

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.tiny_teacher import repo_files
+
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ["teacher", "prompts", "pseudo_labels"]
 TINY_PARAMS = {
@@ -47,14 +49,6 @@ TINY_PARAMS = {
 PROMPTS = ["What is the capital of France?", "Name three primary colors.", "Write a haiku about rain.", "What is 2 + 2?", "Say hello."]
 
 pytestmark = pytest.mark.slow
-
-
-def repo_files() -> list[str]:
-    """Tracked files plus untracked ones git does not ignore: what a fresh clone with local edits holds."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO, capture_output=True, check=True
-    ).stdout.decode()
-    return sorted({f for f in listed.split("\0") if f and (REPO / f).is_file()})
 
 
 @pytest.fixture(scope="module")

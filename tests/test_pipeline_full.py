@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_pipeline_e2e import repo_files
-from tests.tiny_teacher import PROMPTS, build_tiny_teacher, tiny_profile
+from tests.tiny_teacher import PROMPTS, build_tiny_teacher, repo_files, tiny_profile
 
 REPO = Path(__file__).resolve().parents[1]
 MIRROR = REPO.parent / "shared" / "data"

@@ -3,11 +3,17 @@
 The pipeline tests need a teacher directory shaped like models/teacher without the 23 s GGUF import.
 ``<|im_end|>`` is token 0 on purpose: with a zeroed lm_head every logit ties, greedy decoding picks
 token 0, and the teacher answers every prompt with an immediate EOS (an empty answer).
+
+Also what every whole-pipeline run on a throwaway repo copy shares (test_pipeline_full.py and
+benchmarks/gpu_smoke.py): the tiny params profile, its prompts, and the list of files to copy.
 """
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -95,3 +101,11 @@ def tiny_profile(params: dict, mirror: str) -> dict:
     p["report"].update(models=["0.875"])
     p["tracking"] = {"experiment": "full"}
     return p
+
+
+def repo_files() -> list[str]:
+    """Tracked files plus untracked ones git does not ignore: what a fresh clone with local edits holds."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO_ROOT, capture_output=True, check=True
+    ).stdout.decode()
+    return sorted({f for f in listed.split("\0") if f and (REPO_ROOT / f).is_file()})

@@ -27,7 +27,8 @@ HEADLINES: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def _read(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> dict[str, Any]:
+    """A stage's metrics JSON, or {} when that stage has not run."""
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
@@ -37,9 +38,9 @@ def collect(metrics_dir: Path, models: Sequence[str], speed_key: str = "tokens_p
     for model in models:
         row: dict[str, Any] = {"mamba_ratio": mamba_ratio(model)}
         for bench in BENCHMARKS:
-            body = _read(metrics_dir / f"{bench}_{model}.json")
+            body = read_metrics(metrics_dir / f"{bench}_{model}.json")
             row[bench] = {k: v for k, v in body.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        speed = _read(metrics_dir / f"speed_{model}.json").get(speed_key)
+        speed = read_metrics(metrics_dir / f"speed_{model}.json").get(speed_key)
         row["speed"] = float(speed) if isinstance(speed, (int, float)) else None
         table[model] = row
     return table
@@ -140,7 +141,7 @@ def write_report(metrics_dir: Path, out_dir: Path, models: Sequence[str], speed_
     table = collect(metrics_dir, models, speed_key)
     missing = [f"{b}_{m}.json" for m in models for b in BENCHMARKS if not table[m][b]]
     notes = [f"missing metrics file: reports/metrics/{name}" for name in missing]
-    judge = _read(metrics_dir / "judge_check.json")
+    judge = read_metrics(metrics_dir / "judge_check.json")
     notes += [f"judge check {k}: {v:.3f}" for k, v in sorted(judge.items()) if isinstance(v, (int, float))]
     atomic_write_text(out_dir / "summary.md", summary_markdown(table, notes))
     plots = plot_all(table, out_dir / "plots" / "compare")
