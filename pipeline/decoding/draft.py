@@ -94,7 +94,10 @@ def distill_draft(
     draft, teacher, rows: list[list[int]], *, steps: int, batch_size: int = 8, lr: float = 1e-4,
     temperature: float = 1.0, seed: int = 0, pad_id: int = 0, log_every: int = 10, on_log=None,
 ) -> list[dict[str, float]]:
-    """KL(teacher ‖ draft) on the teacher's own answers for ``steps`` AdamW steps (cosine decay).
+    """KL(teacher ‖ draft) on the teacher's own answers for ``steps`` AdamW steps (linear warmup, cosine decay).
+
+    On a GPU the forward passes run under bf16 autocast (weights and the KL stay fp32): the draft
+    trains beside the distillation stages, so its steps should be cheap.
 
     Returns the logged history (step, kl per token, top-1 agreement with the teacher).
     """
@@ -103,13 +106,19 @@ def distill_draft(
     draft.train()
     teacher.eval()
     optimizer = torch.optim.AdamW([p for p in draft.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    warmup = max(1, steps // 20)  # the pruned stack starts far from its optimum: no full-lr first step
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps)))
+    )
     history = []
     for step in range(1, steps + 1):
         ids, mask = _batch(rng.sample(rows, min(batch_size, len(rows))), pad_id, device)
-        with torch.no_grad():
-            target = F.log_softmax(teacher(ids, attention_mask=mask.long()).logits.float()[mask] / temperature, -1)
-        student = F.log_softmax(draft(ids, attention_mask=mask.long()).logits.float()[mask] / temperature, -1)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with torch.no_grad():
+                teacher_logits = teacher(ids, attention_mask=mask.long()).logits
+            draft_logits = draft(ids, attention_mask=mask.long()).logits
+        target = F.log_softmax(teacher_logits.float()[mask] / temperature, -1)
+        student = F.log_softmax(draft_logits.float()[mask] / temperature, -1)
         kl = (target.exp() * (target - student)).sum(-1).mean() * temperature**2
         optimizer.zero_grad(set_to_none=True)
         kl.backward()
