@@ -74,6 +74,7 @@ repro)
   cp dvc.lock "$OUT/dvc.lock" 2>/dev/null
   tar -czf "$OUT/reports.tar.gz" reports/metrics reports/plots reports/summary.md 2>/dev/null
   tar -czf "$OUT/mlflow.tar.gz" mlflow.db mlartifacts 2>/dev/null
+  tar -czf "$OUT/stage_logs.tar.gz" logs 2>/dev/null   # each stage's output (pipeline/flow.py), killed ones too
   echo "repro exit $status after $(( $(date +%s) - started )) s" | tee -a "$OUT/repro.log"
   exit "$status"
   ;;

@@ -14,7 +14,8 @@ task at once, a :class:`StageGate` admits them; the thread runner schedules them
 ``--runner threads`` runs the same plan on a plain thread pool, with no Prefect import: for a
 bare machine (the offline GPU box) that has DVC and MLflow but not Prefect's server stack. It keeps
 going past a failed stage (skipping only what depends on it), like ``dvc repro --keep-going``, and
-prints a table of every stage's outcome and wall time.
+prints a table of every stage's outcome and wall time. Under both runners each stage's output
+streams to ``logs/<stage>.log`` as it runs.
 
 Runs in Prefect's ephemeral mode (no server needed). Prefect state lives in a repo-local,
 git-ignored ``.prefect/``; analytics are off (offline machines log a telemetry error otherwise).
@@ -43,6 +44,7 @@ from pipeline.tracking import PARENT_RUN_ENV, repo_root
 
 FLOW_NAME = "mamba-in-llama"
 EXCLUSIVE_STAGES = ("speed",)  # stage families that measure speed: they never share the machine
+STAGE_LOG_DIR = "logs"  # each stage's output, written as it runs
 
 
 def is_exclusive(stage: str) -> bool:
@@ -158,13 +160,25 @@ def repro_command(stage: str) -> list[str]:
     return [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", "--single-item", stage]
 
 
+def stage_log_path(root: Path, stage: str) -> Path:
+    """Where a stage's output goes as it runs (git-ignored ``logs/``; one file per stage, last run)."""
+    return root / STAGE_LOG_DIR / f"{stage}.log"
+
+
 def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int, list[str], float]:
-    """Run one stage through DVC: exit status, output lines, wall seconds."""
+    """Run one stage through DVC: exit status, output lines, wall seconds.
+
+    The output streams into :func:`stage_log_path` while the stage runs, so a stage killed by a
+    timeout (or still running) can be read with ``tail -f logs/<stage>.log``.
+    """
     env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
+    log_path = stage_log_path(root, stage)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    result = subprocess.run(repro_command(stage), cwd=root, env=env, capture_output=True, text=True)
+    with log_path.open("w", encoding="utf-8") as out:
+        result = subprocess.run(repro_command(stage), cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - started
-    output = (result.stdout + result.stderr).replace("\r", "\n")
+    output = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
     return result.returncode, [line for line in output.splitlines() if line.strip()], seconds
 
 

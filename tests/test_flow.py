@@ -154,3 +154,14 @@ def test_stage_gate_lets_an_exclusive_stage_run_alone():
     assert seen["speed@a"] == frozenset() and seen["speed@b"] == frozenset()
     assert not any(s.startswith("speed@") for others in seen.values() for s in others)
     assert any(others for name, others in seen.items() if not is_exclusive(name))
+
+
+def test_stage_output_streams_to_its_log_file(tmp_path, monkeypatch):
+    """A stage's output lands in logs/<stage>.log (so a killed stage leaves its log) and comes back as lines."""
+    from pipeline import flow
+
+    script = "import sys; print('step 1', flush=True); print('boom', file=sys.stderr); sys.exit(5)"
+    monkeypatch.setattr(flow, "repro_command", lambda stage: [sys.executable, "-c", script])
+    code, lines, seconds = flow.repro_stage_process(tmp_path, "distill@0.5", "parent")
+    assert code == 5 and lines == ["step 1", "boom"] and seconds >= 0
+    assert flow.stage_log_path(tmp_path, "distill@0.5").read_text().split() == ["step", "1", "boom"]
