@@ -61,14 +61,18 @@ repro)
   snapshot
   cp params-gpu.yaml params.yaml
   rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous call's timeout may have left DVC's locks behind
-  # Every call re-copies the working tree, whose committed dvc.lock (the CPU run's) would replace the
-  # one the last call wrote, and DVC would rerun finished stages: keep the machine's own in /tmp.
+  # Every call re-copies the working tree: the committed dvc.lock (the CPU run's) replaces the one the
+  # last call wrote, and reports/metrics + reports/plots (DVC outs, not git-ignored) are removed. DVC
+  # then reruns finished stages whose uncached outs it cannot restore (call 2 of the 2026-11-25c run
+  # redid distill@0.5 and everything after it). Keep the machine's own copies in /tmp.
   if [ -f /tmp/dvc.lock.gpu ]; then cp /tmp/dvc.lock.gpu dvc.lock; fi
+  if [ -f /tmp/reports.gpu.tar ]; then tar -xf /tmp/reports.gpu.tar; fi
   # the whole graph, independent stages side by side; a timeout kills the process group, and the
   # next call resumes (DVC skips finished stages, training stages continue from their checkpoints)
   timeout -k 10 "${REPRO_TIMEOUT:-540}" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" 2>&1 | tee -a "$OUT/repro.log"
   status=${PIPESTATUS[0]}
   cp dvc.lock /tmp/dvc.lock.gpu 2>/dev/null
+  tar -cf /tmp/reports.gpu.tar reports/metrics reports/plots reports/summary.md 2>/dev/null
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
   python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"
   cp dvc.lock "$OUT/dvc.lock" 2>/dev/null

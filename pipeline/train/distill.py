@@ -130,6 +130,8 @@ def distill_ratio(
     plan = plan_steps(train_rows, params.global_batch_size, params.seed, epochs=params.epochs,
                       max_tokens=params.max_train_tokens, max_steps=params.max_steps)
 
+    accelerator = make_accelerator(params)
+    teacher.to(accelerator.device)  # before build_student: the sensitivity scores run 30 forwards of the teacher
     student, kept, scores = build_student(params, ratio, teacher, source, held_rows, pad_id)
     source = None  # the student holds copies of everything it needs
     trainable = set_trainable(student, params.trainable)
@@ -140,9 +142,7 @@ def distill_ratio(
     log.info("ratio %s: %d/%d layers Mamba (exact ratio %.4f), attention kept in %s, %d trainable parameters, %d steps",
              ratio_name(ratio), num_layers - len(kept), num_layers, exact_ratio, kept, trainable, len(plan))
 
-    accelerator = make_accelerator(params)
     state = resume_dir(params, ratio)
-    teacher.to(accelerator.device)
     student.to(accelerator.device)
     train_targets, held_targets = teacher_targets(params, teacher, train_rows, held_rows, state, pad_id, accelerator)
     eval_kwargs = dict(batch_size=params.eval_batch_size, pad_id=pad_id, device=accelerator.device)

@@ -72,6 +72,8 @@ def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int =
     from pipeline.train.losses import kl_full_sum
 
     num_layers = teacher.config.num_hidden_layers
+    device = next(teacher.parameters()).device  # each one-layer hybrid is built on the teacher's device
+    batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
     teacher_logits = [teacher(input_ids=b["input_ids"], use_cache=False).logits for b in batches]
     scored = sum(int(b["score_mask"].sum()) for b in batches)
     scores = []
