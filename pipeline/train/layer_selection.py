@@ -74,15 +74,16 @@ def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int =
     num_layers = teacher.config.num_hidden_layers
     device = next(teacher.parameters()).device  # each one-layer hybrid is built on the teacher's device
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
-    teacher_logits = [teacher(input_ids=b["input_ids"], use_cache=False).logits for b in batches]
-    scored = sum(int(b["score_mask"].sum()) for b in batches)
+    # only the scored positions are kept: full logits of every batch would hold rows x length x vocabulary
+    teacher_logits = [teacher(input_ids=b["input_ids"], use_cache=False).logits[b["score_mask"]] for b in batches]
+    scored = sum(len(t) for t in teacher_logits)
     scores = []
     for layer in range(num_layers):
         hybrid = build_hybrid(teacher, [i for i in range(num_layers) if i != layer], mixer_type, seed=seed).eval()
-        total = sum(
-            float(kl_full_sum(hybrid(input_ids=b["input_ids"], use_cache=False).logits, t, b["score_mask"], temperature))
-            for b, t in zip(batches, teacher_logits)
-        )
+        total = 0.0
+        for b, t in zip(batches, teacher_logits):
+            student = hybrid(input_ids=b["input_ids"], use_cache=False).logits[b["score_mask"]]
+            total += float(kl_full_sum(student, t, torch.ones(len(t), dtype=torch.bool, device=t.device), temperature))
         scores.append(total / max(scored, 1))
         log.info("layer %d: KL %.4f when converted alone", layer, scores[-1])
         del hybrid
