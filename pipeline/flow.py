@@ -171,7 +171,7 @@ def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int
     The output streams into :func:`stage_log_path` while the stage runs, so a stage killed by a
     timeout (or still running) can be read with ``tail -f logs/<stage>.log``.
     """
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id}
+    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PYTHONUNBUFFERED": "1"}  # lines reach the log as printed
     log_path = stage_log_path(root, stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()

@@ -9,7 +9,7 @@ params.yaml::
       cpu_steps: 20            # … and on a CPU (the pipeline still runs; the draft is then weak)
       batch_size: 8
       seq_len: 256
-      lr: 1.0e-4
+      lr: 1.0e-3
       temperature: 1.0
       seed: 0
       dtype: float32

@@ -273,3 +273,22 @@ def test_throughput_counts_matmul_parameters_and_reports_no_mfu_on_cpu():
     assert matmul_parameters(llama(tied=False)) == 2 * per_layer + 100 * 16
     out = throughput(1000, 2.0, 10, 5, torch.device("cpu"))
     assert out["tokens_per_s"] == 500 and out["flops_per_token"] == 70 and out["mfu"] is None
+
+
+def test_layer_sensitivity_is_the_one_layer_conversion_kl():
+    """Scores equal the masked full-vocabulary KL of each one-layer hybrid (computed on scored positions only)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.train.losses import kl_full_sum
+
+    torch.manual_seed(0)
+    teacher = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                           num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids, mask = torch.randint(0, 64, (3, 10)), torch.rand(3, 10) > 0.4
+    scores = layer_sensitivity(teacher, [{"input_ids": ids, "score_mask": mask}], "mamba2", temperature=2.0)
+    with torch.no_grad():
+        target = teacher(input_ids=ids).logits
+        for layer, score in enumerate(scores):
+            hybrid = build_hybrid(teacher, [i for i in range(4) if i != layer], "mamba2", seed=0).eval()
+            expected = float(kl_full_sum(hybrid(input_ids=ids).logits, target, mask, 2.0)) / int(mask.sum())
+            assert score == pytest.approx(expected, rel=1e-5) and score > 0

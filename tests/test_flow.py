@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -157,11 +158,33 @@ def test_stage_gate_lets_an_exclusive_stage_run_alone():
 
 
 def test_stage_output_streams_to_its_log_file(tmp_path, monkeypatch):
-    """A stage's output lands in logs/<stage>.log (so a killed stage leaves its log) and comes back as lines."""
+    """A stage's output is in logs/<stage>.log while it still runs (so a killed stage leaves its log)."""
+    import threading
+
     from pipeline import flow
 
-    script = "import sys; print('step 1', flush=True); print('boom', file=sys.stderr); sys.exit(5)"
+    go = tmp_path / "go"
+    # prints without flushing, then waits (at most 20 s) until the test has seen the line in the log
+    script = ("import os, sys, time; print('step 1'); print('warn', file=sys.stderr)\n"
+              f"deadline = time.time() + 20\nwhile not os.path.exists({str(go)!r}) and time.time() < deadline: time.sleep(0.05)\n"
+              "sys.exit(5)")
     monkeypatch.setattr(flow, "repro_command", lambda stage: [sys.executable, "-c", script])
+    monkeypatch.delenv("PYTHONUNBUFFERED", raising=False)  # the flow itself must make the stage unbuffered
+    log = flow.stage_log_path(tmp_path, "distill@0.5")
+    seen = []
+
+    def watch():
+        for _ in range(400):
+            if log.is_file() and "step 1" in log.read_text():
+                seen.append(True)
+                break
+            time.sleep(0.05)
+        go.touch()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     code, lines, seconds = flow.repro_stage_process(tmp_path, "distill@0.5", "parent")
-    assert code == 5 and lines == ["step 1", "boom"] and seconds >= 0
-    assert flow.stage_log_path(tmp_path, "distill@0.5").read_text().split() == ["step", "1", "boom"]
+    watcher.join()
+    assert seen, "the stage's output did not reach its log file while it ran"
+    assert code == 5 and sorted(lines) == ["step 1", "warn"] and seconds >= 0
+    assert sorted(log.read_text().split()) == ["1", "step", "warn"]

@@ -132,7 +132,7 @@ def distill_ratio(
 
     accelerator = make_accelerator(params)
     teacher.to(accelerator.device)  # before build_student: the sensitivity scores run 30 forwards of the teacher
-    student, kept, scores = build_student(params, ratio, teacher, source, held_rows, pad_id)
+    student, kept, scores = build_student(params, ratio, teacher, source, held_rows, pad_id, accelerator)
     source = None  # the student holds copies of everything it needs
     trainable = set_trainable(student, params.trainable)
     exact_ratio = student.config.mamba_ratio
@@ -188,17 +188,27 @@ def peak_memory_per_process(accelerator) -> list[float] | None:
     return [round(float(x), 3) for x in accelerator.gather(peak).tolist()]
 
 
-def build_student(params: DistillParams, ratio: float, teacher, source, held_rows, pad_id: int):
+def build_student(params: DistillParams, ratio: float, teacher, source, held_rows, pad_id: int, accelerator=None):
     """(student, kept attention layers, sensitivity scores or None), built from ``source``.
 
     ``source`` is the teacher for the first ratio, else the previous ratio's trained hybrid: its Mamba
     layers are kept as trained, and attention layers it still has but this ratio drops are initialised
     from their attention weights. The kept layers are chosen among ``source``'s attention layers.
+    With several processes the main one scores the layers and shares the scores: GPU kernels are not
+    bitwise deterministic, and ranks that ranked near-ties differently would build different models.
     """
     from pipeline.models.builder import build_hybrid
 
     src_dir = source_dir(params, ratio)
-    scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if params.layer_choice == "sensitivity" else None
+    scores = None
+    if params.layer_choice == "sensitivity":
+        if accelerator is None or accelerator.num_processes == 1:
+            scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id)
+        else:
+            from accelerate.utils import broadcast_object_list
+
+            mine = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if accelerator.is_main_process else None
+            scores = broadcast_object_list([mine], from_process=0)[0]
     candidates = getattr(source.config, "attention_layers", None)
     kept = choose_attention_layers(teacher.config.num_hidden_layers, ratio, params.layer_choice, candidates, scores)
     mixer_type = params.mixer_type if source is teacher else None  # a hybrid source fixes its mixer type
