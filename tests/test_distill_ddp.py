@@ -3,7 +3,8 @@
 Same global batch (4 rows a step): one process accumulates 2 micro-batches of 2, two processes
 take one micro-batch of 2 each. The loss is normalised by the scored tokens of the whole step,
 so both runs compute the same gradient up to float summation order: losses agree to 1e-5
-relative, final weights to 1e-5 absolute (fp32).
+relative, final weights to 1e-5 absolute (fp32). The layers are chosen by sensitivity, which rank 0
+scores and broadcasts: both runs must keep the same attention layers.
 
 A checkpoint written by the two processes resumes in one process (a different world size) and
 finishes with the weights of the uninterrupted single-process run (same tolerance): the step plan is
@@ -30,7 +31,8 @@ REL_TOL = 1e-5
 def params_for(root: Path, out: str, checkpoint_every: int = 100):
     from tests.test_distill import make_params
 
-    return make_params(root, out, max_steps=6, checkpoint_every=checkpoint_every)
+    # sensitivity: under torchrun rank 0 scores the layers and broadcasts the scores (distill.build_student)
+    return make_params(root, out, max_steps=6, checkpoint_every=checkpoint_every, layer_choice="sensitivity", sensitivity_rows=4)
 
 
 def worker(root: Path, out: str, kill_after: int | None) -> None:
