@@ -318,7 +318,9 @@ def threads_pipeline(root: Path, target: str | None, jobs: int) -> int:
     group = f"threads-{time.strftime('%Y%m%d-%H%M%S')}"
     parent = tracking.open_parent_run(mlflow_client, experiment_id, f"flow {group}", group, root)
     try:
-        outcome = run_threads(root, graph, jobs, parent, log=lambda line: print(line, flush=True))
+        # clock time on every line: set against the MLflow stage runs' start/end, it shows what each
+        # stage spends in DVC (hashing, caching outs, waiting for the repo lock) and process start
+        outcome = run_threads(root, graph, jobs, parent, log=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", flush=True))
     except BaseException:
         mlflow_client.set_terminated(parent, "FAILED")
         raise
