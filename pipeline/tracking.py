@@ -134,7 +134,7 @@ def stage_paths(stage_name: str, root: Path) -> tuple[list[str], list[str]]:
 
 def hash_tags(kind: str, paths: list[str], root: Path) -> dict[str, str]:
     tags = {}
-    for path in paths:
+    for path in dict.fromkeys(paths):  # a path listed twice (distill@0.5: teacher and previous model) is hashed once
         md5 = dvc_md5(root / path)
         if md5 is not None:
             tags[f"dvc.{kind}.{path}"] = md5
