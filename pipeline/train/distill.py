@@ -202,13 +202,12 @@ def build_student(params: DistillParams, ratio: float, teacher, source, held_row
     src_dir = source_dir(params, ratio)
     scores = None
     if params.layer_choice == "sensitivity":
-        if accelerator is None or accelerator.num_processes == 1:
+        if accelerator is None or accelerator.is_main_process:
             scores = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id)
-        else:
+        if accelerator is not None and accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            mine = sensitivity_scores(params, teacher, source, src_dir, held_rows, pad_id) if accelerator.is_main_process else None
-            scores = broadcast_object_list([mine], from_process=0)[0]
+            scores = broadcast_object_list([scores], from_process=0)[0]
     candidates = getattr(source.config, "attention_layers", None)
     kept = choose_attention_layers(teacher.config.num_hidden_layers, ratio, params.layer_choice, candidates, scores)
     mixer_type = params.mixer_type if source is teacher else None  # a hybrid source fixes its mixer type
