@@ -181,10 +181,8 @@ def test_non_zero_rank_tracks_nothing(monkeypatch):
 
 def test_process_age_counts_from_process_start_not_from_import():
     """The stage-start log line splits wall time; it must measure the process, not the module."""
-    import subprocess
-    import sys
-
     code = "import time; time.sleep(1.2); from pipeline.stage import process_age_s; print(process_age_s())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, check=True).stdout
     age = float(out.strip())
     assert 1.2 <= age < 30.0
