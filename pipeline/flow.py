@@ -161,24 +161,31 @@ def repro_command(stage: str) -> list[str]:
 
 
 def stage_log_path(root: Path, stage: str) -> Path:
-    """Where a stage's output goes as it runs (git-ignored ``logs/``; one file per stage, last run)."""
+    """Where a stage's output goes as it runs (git-ignored ``logs/``; one file per stage, every run)."""
     return root / STAGE_LOG_DIR / f"{stage}.log"
 
 
 def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int, list[str], float]:
-    """Run one stage through DVC: exit status, output lines, wall seconds.
+    """Run one stage through DVC: exit status, this run's output lines, wall seconds.
 
     The output streams into :func:`stage_log_path` while the stage runs, so a stage killed by a
-    timeout (or still running) can be read with ``tail -f logs/<stage>.log``.
+    timeout (or still running) can be read with ``tail -f logs/<stage>.log``. Runs are appended,
+    each after a header with the date and time: a later run that DVC skips must not erase the
+    log of the run that did the work.
     """
     env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PYTHONUNBUFFERED": "1"}  # lines reach the log as printed
     log_path = stage_log_path(root, stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with log_path.open("w", encoding="utf-8") as out:
+    with log_path.open("a", encoding="utf-8") as out:
+        out.write(f"==== {time.strftime('%Y-%m-%d %H:%M:%S')} dvc repro {stage}\n")
+        out.flush()
+        offset = out.tell()
         result = subprocess.run(repro_command(stage), cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
     seconds = time.perf_counter() - started
-    output = log_path.read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
+    with log_path.open("rb") as log_file:
+        log_file.seek(offset)
+        output = log_file.read().decode("utf-8", errors="replace").replace("\r", "\n")
     return result.returncode, [line for line in output.splitlines() if line.strip()], seconds
 
 

@@ -82,6 +82,7 @@ def run_stage(section_name: str, body: Callable[[StageContext], Any], argv: list
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument("--key", default=None, help="foreach item of a templated stage, e.g. a ratio")
     args = parser.parse_args(argv)
+    imported_at = process_age_s()  # the stage module and the library are imported by now
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     name = section_name if args.key is None else f"{section_name}@{args.key}"
     try:
@@ -99,8 +100,9 @@ def run_stage(section_name: str, body: Callable[[StageContext], Any], argv: list
         with tracking.stage_run(ctx) as tracker:
             ctx.tracker = tracker
             age = process_age_s()
-            if age is not None:
-                log.info("stage %s: body starts %.1f s after the process started (imports, MLflow, dependency hashes)", name, age)
+            if age is not None and imported_at is not None:
+                log.info("stage %s: body starts %.1f s after the process started (%.1f s imports, %.1f s MLflow and dependency hashes)",
+                         name, age, imported_at, age - imported_at)
             body(ctx)
     except PipelineError as exc:
         print(f"error in stage {name}: {exc}", file=sys.stderr)

@@ -187,4 +187,12 @@ def test_stage_output_streams_to_its_log_file(tmp_path, monkeypatch):
     watcher.join()
     assert seen, "the stage's output did not reach its log file while it ran"
     assert code == 5 and sorted(lines) == ["step 1", "warn"] and seconds >= 0
-    assert sorted(log.read_text().split()) == ["1", "step", "warn"]
+    first_run = log.read_text()
+    assert first_run.startswith("==== ") and sorted(first_run.splitlines()[1:]) == ["step 1", "warn"]
+
+    # a second run (DVC skipping the stage, say) is appended after its own header: the first stays
+    monkeypatch.setattr(flow, "repro_command", lambda stage: [sys.executable, "-c", "print('skipping')"])
+    code, lines, _ = flow.repro_stage_process(tmp_path, "distill@0.5", "parent")
+    assert code == 0 and lines == ["skipping"]
+    text = log.read_text()
+    assert text.startswith(first_run) and text.count("==== ") == 2 and text.rstrip().endswith("skipping")
