@@ -90,6 +90,22 @@ def test_assistant_tokens_are_the_only_scored_tokens():
     assert list(row.input_ids) == tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
 
 
+def test_loss_tokens_all_scores_every_training_token_but_not_held_out(workspace):
+    convs = [json.loads(line)["messages"] for line in (workspace / "pseudo_labels" / "shard-00000.jsonl").read_text().splitlines()]
+    tokenizer = build_tokenizer()
+    train_answer, held_answer = prepare_rows(tokenizer, convs, make_params(workspace, "lt", layout="padding"))
+    train_all, held_all = prepare_rows(tokenizer, convs, make_params(workspace, "lt", layout="padding", loss_tokens="all"))
+    assert held_all == held_answer  # held-out metrics keep meaning the answers
+    assert [r.input_ids for r in train_all] == [r.input_ids for r in train_answer]
+    assert all(all(r.scored) for r in train_all)
+    assert all(not all(r.scored) for r in train_answer)  # the user turn is not scored by default
+    batch = collate(train_all, [0, 1], tokenizer.pad_token_id)
+    lengths = [len(train_all[i].input_ids) for i in (0, 1)]
+    assert batch["score_mask"].sum().item() == sum(n - 1 for n in lengths)  # every next-token position
+    with pytest.raises(PipelineError, match="loss_tokens"):
+        make_params(workspace, "lt", loss_tokens="prompt").validate()
+
+
 def test_plan_is_seeded_and_respects_token_budget():
     rows = packed_rows([tokenize_conversation(build_tokenizer(), [{"role": "user", "content": "q" * 9},
                         {"role": "assistant", "content": "a" * 30}])] * 20, 16, seed=0)

@@ -32,7 +32,9 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_directory, atomic_write_json
-from pipeline.train.data import collate, packed_rows, padded_rows, plan_steps, read_conversations, split_held_out, tokenize_conversation
+from pipeline.train.data import (
+    TokenRow, collate, packed_rows, padded_rows, plan_steps, read_conversations, split_held_out, tokenize_conversation,
+)
 from pipeline.train.evaluate import evaluate
 from pipeline.train.layer_selection import choose_attention_layers, layer_sensitivity
 from pipeline.train.loop import latest_checkpoint, make_accelerator, read_progress, set_trainable, train
@@ -91,10 +93,18 @@ def load_model(path: Path, what: str):
 
 
 def prepare_rows(tokenizer, conversations, params: DistillParams):
-    """(train rows, held-out rows) from the conversations, per the layout and held-out params."""
+    """(train rows, held-out rows) from the conversations, per the layout and held-out params.
+
+    With ``loss_tokens: all`` every training token is scored (system prompt, user turn and template
+    tokens too), as in the paper's recipe: the Mamba layers then also learn to carry text they are
+    not answering, which chat answers alone leave untrained. Held-out rows always score the
+    answers, so the held-out metrics mean the same under both settings.
+    """
     train_ids, held_ids = split_held_out(len(conversations), params.held_out, params.seed)
     tokenized = [tokenize_conversation(tokenizer, c) for c in conversations]
     train = [tokenized[i] for i in train_ids]
+    if params.loss_tokens == "all":
+        train = [TokenRow(row.input_ids, (True,) * len(row.input_ids)) for row in train]
     train_rows = packed_rows(train, params.seq_len, params.seed) if params.layout == "packing" else padded_rows(train, params.seq_len)
     held_rows = padded_rows([tokenized[i] for i in held_ids], params.seq_len)
     if not held_rows:

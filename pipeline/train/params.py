@@ -19,6 +19,7 @@ from pipeline.train.layer_selection import LAYER_CHOICES
 TRAINABLE = ("mamba", "mamba+mlp", "all")
 TEACHER_LOGITS = ("online", "topk_cache")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")
+LOSS_TOKENS = ("answer", "all")  # training tokens the loss covers: the assistant's, or every one (the paper's recipe)
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class DistillParams:
     max_steps: int | None = None
     kl_weight: float = 1.0
     ce_weight: float = 0.0
+    loss_tokens: str = "answer"
     temperature: float = 1.0
     trainable: str = "mamba"
     teacher_logits: str = "online"
@@ -80,7 +82,7 @@ class DistillParams:
             return PipelineError(f"{key}: {what}", where=f"{where}.{key}", fix=fix)
 
         choices = {"mixer_type": MIXER_TYPES, "layer_choice": LAYER_CHOICES, "layout": LAYOUTS, "trainable": TRAINABLE,
-                   "teacher_logits": TEACHER_LOGITS, "mixed_precision": MIXED_PRECISION}
+                   "teacher_logits": TEACHER_LOGITS, "mixed_precision": MIXED_PRECISION, "loss_tokens": LOSS_TOKENS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"{getattr(self, key)!r} is not one of {allowed}")
