@@ -81,16 +81,18 @@ def main() -> None:
     speed_rows, spec_rows = [], []
     for model in args.models:
         s = m[model]["speed"]
+        # distinct tokens ÷ tokens of the continuation (recorded by runs after 2026-11-25d): near 0 = a loop
+        distinct = lambda v: f"{v['distinct_token_fraction']:.2f}" if "distinct_token_fraction" in v else "–"  # noqa: E731
         for key, v in sorted(s.get("plain", {}).items()):
-            speed_rows.append([model, key, f"{v['tokens_per_s']:.0f}", f"{v['peak_memory_mb']:.0f}"])
+            speed_rows.append([model, key, f"{v['tokens_per_s']:.0f}", f"{v['peak_memory_mb']:.0f}", distinct(v)])
         for key, v in sorted(s.get("speculative", {}).items()):
             spec_rows.append([model, key, f"{v['tokens_per_s']:.0f}", f"{v['acceptance_rate']:.3f}",
-                              f"{v['mean_accepted_length']:.2f}", f"{v['speedup_vs_plain']:.2f}×"])
+                              f"{v['mean_accepted_length']:.2f}", f"{v['speedup_vs_plain']:.2f}×", distinct(v)])
     if speed_rows:
         print("\nPlain decoding (b = batch, p = prompt tokens; CUDA graphs)\n")
-        print(table(["model", "setting", "tokens/s", "peak MiB"], speed_rows))
+        print(table(["model", "setting", "tokens/s", "peak MiB", "distinct tokens"], speed_rows))
         print("\nSpeculative decoding (batch 1, k = draft tokens per round)\n")
-        print(table(["model", "setting", "tokens/s", "acceptance", "mean accepted length", "vs plain"], spec_rows))
+        print(table(["model", "setting", "tokens/s", "acceptance", "mean accepted length", "vs plain", "distinct tokens"], spec_rows))
 
 
 if __name__ == "__main__":

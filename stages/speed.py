@@ -6,6 +6,7 @@ params.yaml::
       models: *eval_models         # teacher: models/teacher, "0.5": models/dpo_0.5, ...
       draft_dir: models/draft      # the draft stage's output; shares the teacher's tokenizer
       prompts_file: data/prompts/prompts.jsonl   # prompt text (acceptance depends on real text)
+      prompt_format: chat          # chat: a user turn + generation prompt (as the models are used) | raw: bare text
       k: [1, 2, 3, 4, 5, 6, 7, 8]
       prompt_lengths: [128, 2048, 8192]
       new_tokens: 128
@@ -17,7 +18,7 @@ params.yaml::
       kernels: triton              # Mamba verification: triton (fused replay kernel) or reference
       cpu:                         # overrides when no GPU: tiny settings so the pipeline still runs
         k: [1, 2]
-        prompt_lengths: [16]
+        prompt_lengths: [48]       # chat: longer than the template (SmolLM2's takes 30 tokens)
         new_tokens: 8
         plain_batch_sizes: [1, 2]
         repeats: 1
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.decoding.speed import SpeedSettings, hardware, headline, plot, speed_table
+from pipeline.decoding.speed import PROMPT_FORMATS, SpeedSettings, chat_frame, hardware, headline, plot, speed_table
 from pipeline.errors import PipelineError
 from pipeline.eval.inputs import model_dir
 from pipeline.io import atomic_write_json
@@ -51,8 +52,13 @@ def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, st
     ks = [int(k) for k in merged.get("k", range(1, 9))]
     if not ks or min(ks) < 1:
         raise PipelineError(f"k = {ks} must list integers >= 1", where=f"{where}.k", fix="use e.g. [1, 2, 4, 8]")
+    prompt_format = str(merged.get("prompt_format", "chat"))
+    if prompt_format not in PROMPT_FORMATS:
+        raise PipelineError(f"prompt_format {prompt_format!r} is unknown", where=f"{where}.prompt_format",
+                            fix=f"use one of {list(PROMPT_FORMATS)}")
     settings = SpeedSettings(
         k_values=ks,
+        prompt_format=prompt_format,
         prompt_lengths=[int(n) for n in merged.get("prompt_lengths", [128, 2048, 8192])],
         new_tokens=int(merged.get("new_tokens", 128)),
         plain_batch_sizes=[int(b) for b in merged.get("plain_batch_sizes", [1, 8])],
@@ -85,6 +91,15 @@ def main(ctx: StageContext) -> None:
     on_gpu = torch.cuda.is_available()
     settings, dtype = settings_for(ctx.cfg, on_gpu, where)
     target_dir = model_dir(ctx.cfg, ctx.key, where)
+    tokenizer = AutoTokenizer.from_pretrained(target_dir)
+    if settings.prompt_format == "chat":
+        frame = sum(len(ids) for ids in chat_frame(tokenizer))
+        if min(settings.prompt_lengths) <= frame:
+            raise PipelineError(
+                f"prompt length {min(settings.prompt_lengths)} leaves no room for text: the chat template alone takes {frame} tokens",
+                where=f"{where}.prompt_lengths" + ("" if on_gpu else " (cpu overrides)"),
+                fix=f"use prompt lengths above {frame}, or prompt_format: raw",
+            )
     draft_dir = Path(ctx.cfg.get("draft_dir", "models/draft"))
     if not (draft_dir / "config.json").is_file():
         raise PipelineError(f"no draft model in {draft_dir}", where=f"{where}.draft_dir", fix="run `dvc repro draft` first")
@@ -94,7 +109,6 @@ def main(ctx: StageContext) -> None:
 
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[dtype]).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(target_dir)
     texts = prompt_texts(Path(ctx.cfg.get("prompts_file", "data/prompts/prompts.jsonl")))
 
     results = speed_table(target, draft, settings, tokenizer=tokenizer, texts=texts,

@@ -70,7 +70,7 @@ def stage_repo(tmp_path, monkeypatch):
         "speed": {
             "models": {"teacher": "models/teacher", "0.5": "models/dpo_0.5"},
             "draft_dir": "models/draft",
-            "cpu": {"k": [1, 2], "prompt_lengths": [12], "new_tokens": 4, "plain_batch_sizes": [1, 2], "repeats": 1},
+            "cpu": {"k": [1, 2], "prompt_lengths": [24], "new_tokens": 4, "plain_batch_sizes": [1, 2], "repeats": 1},
         },
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -89,10 +89,12 @@ def test_draft_then_speed_stages_on_cpu(stage_repo, capsys):
         metrics = json.loads((stage_repo / f"reports/metrics/speed_{key}.json").read_text())
         assert metrics["tiny_cpu_settings"] is True and metrics["hardware"]["device"] == "cpu"
         assert not metrics["errors"], metrics["errors"]
-        assert set(metrics["plain"]) == {"b1_p12", "b2_p12"}
-        assert set(metrics["speculative"]) == {"k1_p12", "k2_p12"}
+        assert set(metrics["plain"]) == {"b1_p24", "b2_p24"}
+        assert set(metrics["speculative"]) == {"k1_p24", "k2_p24"}
+        assert metrics["settings"]["prompt_format"] == "chat"
         for row in metrics["speculative"].values():
             assert 0 <= row["acceptance_rate"] <= 1 and row["mean_accepted_length"] >= 1 and row["tokens_per_s"] > 0
+            assert 0 < row["distinct_token_fraction"] <= 1
         assert metrics["tokens_per_second"] > 0 and metrics["best_k"] in (1, 2)
         assert (stage_repo / f"reports/plots/speed_{key}.png").stat().st_size > 0
     assert "tiny CPU settings" in capsys.readouterr().out
@@ -103,6 +105,41 @@ def test_speed_settings_bad_params_fail_clearly():
 
     settings, dtype = settings_for({"k": [1, 3], "cpu": {"k": [2], "dtype": "float32"}}, on_gpu=False, where="params.yaml:speed")
     assert settings.k_values == [2] and dtype == "float32" and settings.cuda_graphs is False
-    for bad, match in (({"k": [0, 2]}, "speed.k"), ({"dtype": "int8"}, "speed.dtype"), ({"new_tokens": 1}, "new_tokens")):
+    for bad, match in (({"k": [0, 2]}, "speed.k"), ({"dtype": "int8"}, "speed.dtype"), ({"new_tokens": 1}, "new_tokens"),
+                       ({"prompt_format": "plain"}, "speed.prompt_format")):
         with pytest.raises(PipelineError, match=match):
             settings_for(bad, on_gpu=True, where="params.yaml:speed")
+
+
+def test_chat_prompts_fill_one_user_turn_to_the_exact_length():
+    """Speed prompts are a user turn + generation prompt, as the models are used, cut to the length."""
+    from pipeline.decoding.speed import chat_frame, prompt_ids
+    from tests.tiny_teacher import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    prefix, suffix = chat_frame(tokenizer)
+    ids = prompt_ids(tokenizer, ["say hello", "the cat sat"], 40, 2, len(tokenizer))
+    assert ids.shape == (2, 40)
+    for row in ids.tolist():
+        assert row[: len(prefix)] == prefix and row[-len(suffix):] == suffix
+    assert ids[0].tolist() != ids[1].tolist()  # rows start at different texts
+    text = tokenizer.decode(ids[0])
+    assert text.endswith(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
+                                                       add_generation_prompt=True).split("x")[-1])
+    raw = prompt_ids(tokenizer, ["say hello"], 10, 1, len(tokenizer), prompt_format="raw")
+    assert raw.shape == (1, 10) and raw[0].tolist()[: len(prefix)] != prefix
+    with pytest.raises(ValueError, match="no room"):
+        prompt_ids(tokenizer, ["say hello"], len(prefix) + len(suffix), 1, len(tokenizer))
+
+
+def test_speed_prompt_shorter_than_the_chat_template_fails_before_measuring(stage_repo, capsys):
+    import stages.speed
+
+    params = yaml.safe_load((stage_repo / "params.yaml").read_text())
+    params["speed"]["cpu"]["prompt_lengths"] = [8]
+    (stage_repo / "short.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage("speed", stages.speed.main, argv=["--key", "teacher", "--params", "short.yaml"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "leaves no room" in err and "speed.prompt_lengths (cpu overrides)" in err

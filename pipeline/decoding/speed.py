@@ -33,6 +33,7 @@ class SpeedSettings:
     new_tokens: int = 128
     plain_batch_sizes: list[int] = field(default_factory=lambda: [1, 8])
     repeats: int = 3
+    prompt_format: str = "chat"  # chat: one user turn + the generation prompt (how the models are used) | raw: bare text
     cuda_graphs: bool | None = None
     compile_mode: str | None = None
     kernels: str = "reference"
@@ -56,24 +57,56 @@ def hardware() -> dict[str, Any]:
     return info
 
 
-def prompt_ids(tokenizer, texts: list[str], length: int, batch: int, vocab_size: int, seed: int = 0) -> torch.Tensor:
+PROMPT_FORMATS = ("chat", "raw")
+_MARKER = "\u2063PROMPT\u2063"  # stands for the user text while the chat template is rendered
+
+
+def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids the chat template puts before and after a user turn's text (generation prompt
+    included); empty when the tokenizer has no chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [], []
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True)
+    before, after = rendered.split(_MARKER)
+    return tokenizer(before, add_special_tokens=False)["input_ids"], tokenizer(after, add_special_tokens=False)["input_ids"]
+
+
+def prompt_ids(tokenizer, texts: list[str], length: int, batch: int, vocab_size: int, seed: int = 0,
+               prompt_format: str = "chat") -> torch.Tensor:
     """(batch, length) prompts: real text when a tokenizer is given (acceptance depends on it), else random ids.
 
-    Rows start at different texts so a batch is not one prompt repeated.
+    ``chat`` (when the tokenizer has a chat template): one user turn, filled with prompt text up to
+    ``length`` tokens in all, then the template's generation prompt, so the model answers as it does
+    in use (a hybrid distilled on chat answers can be far worse on bare text: acceptance measured on
+    bare text then says little). ``raw``: the prompt texts concatenated and cut. Rows start at
+    different texts so a batch is not one prompt repeated.
     """
     if tokenizer is None:
         g = torch.Generator().manual_seed(seed)
         return torch.randint(2, vocab_size, (batch, length), generator=g)
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"prompt_format {prompt_format!r} is not one of {PROMPT_FORMATS}")
     texts = texts or [FALLBACK_TEXT]
+    prefix, suffix = chat_frame(tokenizer) if prompt_format == "chat" else ([], [])
+    room = length - len(prefix) - len(suffix)
+    if room < 1:
+        raise ValueError(f"prompt length {length} leaves no room for text inside the chat template ({len(prefix) + len(suffix)} tokens)")
     rows = []
     for r in range(batch):
         ids: list[int] = []
         i = r
-        while len(ids) < length:
-            ids.extend(tokenizer(texts[i % len(texts)], add_special_tokens=False)["input_ids"])
+        while len(ids) < room:
+            ids.extend(tokenizer(texts[i % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"])
             i += 1
-        rows.append(ids[:length])
+        rows.append(prefix + ids[:room] + suffix)
     return torch.tensor(rows, dtype=torch.long)
+
+
+def distinct_fraction(result) -> float:
+    """Distinct tokens ÷ tokens in the first row's continuation: near 0 when decoding fell into a loop,
+    which a draft predicts easily (high acceptance that would not hold on real answers)."""
+    row = result.rows()[0]
+    return len(set(row)) / len(row) if row else 0.0
 
 
 def _sync(device: torch.device) -> None:
@@ -116,8 +149,9 @@ def measure_plain(model, ids: torch.Tensor, settings: SpeedSettings) -> dict[str
     ids = ids.to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    rate, _ = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
-    return {"tokens_per_s": rate * batch, "tokens_per_s_per_row": rate, "peak_memory_mb": _peak_memory_mb(device)}
+    rate, result = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
+    return {"tokens_per_s": rate * batch, "tokens_per_s_per_row": rate, "peak_memory_mb": _peak_memory_mb(device),
+            "distinct_token_fraction": distinct_fraction(result)}
 
 
 def measure_speculative(target, draft, ids: torch.Tensor, k: int, settings: SpeedSettings) -> dict[str, float]:
@@ -136,6 +170,7 @@ def measure_speculative(target, draft, ids: torch.Tensor, k: int, settings: Spee
         "acceptance_rate": stats.acceptance_rate,
         "mean_accepted_length": stats.mean_accepted_length,
         "peak_memory_mb": _peak_memory_mb(device),
+        "distinct_token_fraction": distinct_fraction(result),
     }
 
 
@@ -151,7 +186,7 @@ def speed_table(target, draft, settings: SpeedSettings, tokenizer=None, texts: l
         for batch in settings.plain_batch_sizes:
             key = f"b{batch}_p{length}"
             try:
-                ids = prompt_ids(tokenizer, texts or [], length, batch, vocab)
+                ids = prompt_ids(tokenizer, texts or [], length, batch, vocab, prompt_format=settings.prompt_format)
                 results["plain"][key] = measure_plain(target, ids, settings)
                 log(f"plain {key}: {results['plain'][key]['tokens_per_s']:.1f} tok/s")
             except Exception as exc:  # noqa: BLE001 — one failed setting must not hide the others
@@ -159,7 +194,7 @@ def speed_table(target, draft, settings: SpeedSettings, tokenizer=None, texts: l
                 log(f"plain {key}: FAILED {exc}")
         if draft is None:
             continue
-        ids = prompt_ids(tokenizer, texts or [], length, 1, vocab)
+        ids = prompt_ids(tokenizer, texts or [], length, 1, vocab, prompt_format=settings.prompt_format)
         for k in settings.k_values:
             key = f"k{k}_p{length}"
             try:
