@@ -76,9 +76,9 @@ def prompt_ids(tokenizer, texts: list[str], length: int, batch: int, vocab_size:
     """(batch, length) prompts: real text when a tokenizer is given (acceptance depends on it), else random ids.
 
     ``chat`` (when the tokenizer has a chat template): one user turn, filled with prompt text up to
-    ``length`` tokens in all, then the template's generation prompt, so the model answers as it does
-    in use (a hybrid distilled on chat answers can be far worse on bare text: acceptance measured on
-    bare text then says little). ``raw``: the prompt texts concatenated and cut. Rows start at
+    ``length`` tokens in all, then the template's generation prompt, so the model writes an answer,
+    as it does in use and as the hybrids and the draft were distilled (acceptance depends on what
+    is being continued). ``raw``: the prompt texts concatenated and cut mid-text. Rows start at
     different texts so a batch is not one prompt repeated.
     """
     if tokenizer is None:

@@ -96,9 +96,9 @@ def prepare_rows(tokenizer, conversations, params: DistillParams):
     """(train rows, held-out rows) from the conversations, per the layout and held-out params.
 
     With ``loss_tokens: all`` every training token is scored (system prompt, user turn and template
-    tokens too), as in the paper's recipe: the Mamba layers then also learn to carry text they are
-    not answering, which chat answers alone leave untrained. Held-out rows always score the
-    answers, so the held-out metrics mean the same under both settings.
+    tokens too), as the paper's distillation does (its KL runs over every position). Held-out rows
+    always score the answers, so the held-out metrics mean the same under both settings. On the
+    real teacher at a CPU budget it did not help (reports/runs/2026-11-25-cpu-loss-tokens).
     """
     train_ids, held_ids = split_held_out(len(conversations), params.held_out, params.seed)
     tokenized = [tokenize_conversation(tokenizer, c) for c in conversations]
