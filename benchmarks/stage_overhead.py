@@ -7,27 +7,34 @@ one per call; every line carries the clock time) and the stage logs (``logs/<sta
     python3 benchmarks/stage_overhead.py --flow-log call1/repro.log call2/repro.log --stage-logs call1/logs call2/logs
 
 Columns: ``wall`` is the flow's start → done; ``dvc before`` is the flow's start → the stage's Python
-process start (DVC's status check and lock); ``python start`` is process start → body (imports,
-MLflow store, dependency hashes; ``(imports)`` is the imports' share, where the log has it);
-``body + after`` is the rest (the stage's own work, hashing its
-outs for MLflow, DVC caching outs and writing dvc.lock). Stages DVC skipped (wall < 10 s and no
-body line) are left out.
+process start (DVC's status check and lock; with a launcher such as ``accelerate launch`` for the
+training stages, also the launcher's own start, since only the stage processes log); ``python start``
+is process start → body (imports, MLflow store, dependency hashes; ``(imports)`` is the imports'
+share, where the log has it); ``body + after`` is the rest (the stage's own work, hashing its outs for
+MLflow, DVC caching outs and writing dvc.lock). Clock times are compared as times of day, so a run
+across midnight still matches; a stage run with no body line in the logs (DVC skipped it, or its
+log is missing) is listed with ``-``.
 """
 
 from __future__ import annotations
 
 import argparse
 import re
-from datetime import datetime, timedelta
 from pathlib import Path
 
 FLOW_LINE = re.compile(r"^(\d\d:\d\d:\d\d) \[flow\] (\S+): (start|done in ([0-9.]+) s)")
+DAY = 24 * 3600
 BODY_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+ pipeline INFO stage (\S+): body starts ([0-9.]+) s after"
                        r"(?:.*?\(([0-9.]+) s imports)?")
 
 
-def flow_runs(paths: list[Path]) -> list[tuple[str, datetime, float]]:
-    """(stage, start clock, wall s) for every stage run that finished in the flow logs."""
+def seconds_of_day(clock: str) -> int:
+    hours, minutes, seconds = (int(part) for part in clock.split(":"))
+    return 3600 * hours + 60 * minutes + seconds
+
+
+def flow_runs(paths: list[Path]) -> list[tuple[str, int, float]]:
+    """(stage, start as seconds of the day, wall s) for every stage run that finished in the flow logs."""
     runs, started = [], {}
     for path in paths:
         for line in path.read_text(errors="replace").splitlines():
@@ -35,25 +42,24 @@ def flow_runs(paths: list[Path]) -> list[tuple[str, datetime, float]]:
             if not match:
                 continue
             clock, stage, _, wall = match.groups()
-            when = datetime.strptime(clock, "%H:%M:%S")
             if wall is None:
-                started[stage] = when
+                started[stage] = seconds_of_day(clock)
             elif stage in started:
                 runs.append((stage, started.pop(stage), float(wall)))
     return runs
 
 
-def body_starts(dirs: list[Path]) -> dict[str, list[tuple[datetime, float, float | None]]]:
-    """{stage: [(body start clock, process age s, of which imports s or None), ...]} from every stage log."""
-    found: dict[str, list[tuple[datetime, float, float | None]]] = {}
+def body_starts(dirs: list[Path]) -> dict[str, list[tuple[int, float, float | None]]]:
+    """{stage: [(body start as seconds of the day, process age s, of which imports s or None), ...]}."""
+    found: dict[str, list[tuple[int, float, float | None]]] = {}
     for folder in dirs:
         for log in sorted(folder.glob("*.log")):
             for line in log.read_text(errors="replace").splitlines():
                 match = BODY_LINE.match(line)
                 if match:
                     stamp, stage, age, imports = match.groups()
-                    clock = datetime.strptime(stamp.split(" ")[1], "%H:%M:%S")
-                    found.setdefault(stage, []).append((clock, float(age), None if imports is None else float(imports)))
+                    found.setdefault(stage, []).append(
+                        (seconds_of_day(stamp.split(" ")[1]), float(age), None if imports is None else float(imports)))
     return found
 
 
@@ -66,12 +72,14 @@ def main() -> None:
     print(f"{'stage':<22} {'wall s':>7} {'dvc before':>10} {'python start':>12} {'(imports)':>9} {'body + after':>12}")
     totals = [0.0, 0.0, 0.0, 0.0]
     for stage, start, wall in flow_runs(args.flow_log):
-        # the body line of this run: the one within the run's wall time
-        match = [b for b in bodies.get(stage, []) if start <= b[0] <= start + timedelta(seconds=wall + 1)]
+        # the body line of this run: the one that falls within the run's wall time, nearest its start
+        after_start = sorted(((clock - start) % DAY, age, imports) for clock, age, imports in bodies.get(stage, []))
+        match = [b for b in after_start if b[0] <= wall + 1]
         if not match:
+            print(f"{stage:<22} {wall:7.1f} {'-':>10} {'-':>12} {'-':>9} {'-':>12}")
             continue
-        clock, age, imports = match[0]
-        before = max(0.0, (clock - start).total_seconds() - age)
+        offset, age, imports = match[0]
+        before = max(0.0, offset - age)
         rest = wall - before - age
         totals = [t + v for t, v in zip(totals, (wall, before, age, rest))]
         shown = "-" if imports is None else f"{imports:.1f}"

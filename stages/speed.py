@@ -67,6 +67,9 @@ def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, st
         compile_mode=merged.get("compile_mode") if on_gpu else None,
         kernels=str(merged.get("kernels", "triton")) if on_gpu else "reference",
     )
+    if not settings.prompt_lengths or min(settings.prompt_lengths) < 1:
+        raise PipelineError(f"prompt_lengths = {settings.prompt_lengths} must list lengths >= 1", where=f"{where}.prompt_lengths",
+                            fix="use e.g. [128, 2048, 8192]")
     if settings.new_tokens < 2:
         raise PipelineError("new_tokens must be >= 2 (decode speed is (N-1) tokens over t_N - t_1)", where=f"{where}.new_tokens")
     return settings, dtype
@@ -93,12 +96,16 @@ def main(ctx: StageContext) -> None:
     target_dir = model_dir(ctx.cfg, ctx.key, where)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if settings.prompt_format == "chat":
-        frame = sum(len(ids) for ids in chat_frame(tokenizer))
+        lengths_where = f"{where}.cpu.prompt_lengths" if not on_gpu and "prompt_lengths" in (ctx.cfg.get("cpu") or {}) else f"{where}.prompt_lengths"
+        try:
+            frame = sum(len(ids) for ids in chat_frame(tokenizer))
+        except ValueError as exc:
+            raise PipelineError(f"cannot build chat prompts for {target_dir}: {exc}", where=f"{where}.prompt_format",
+                                fix="use prompt_format: raw") from exc
         if min(settings.prompt_lengths) <= frame:
             raise PipelineError(
                 f"prompt length {min(settings.prompt_lengths)} leaves no room for text: the chat template alone takes {frame} tokens",
-                where=f"{where}.prompt_lengths" + ("" if on_gpu else " (cpu overrides)"),
-                fix=f"use prompt lengths above {frame}, or prompt_format: raw",
+                where=lengths_where, fix=f"use prompt lengths above {frame}, or prompt_format: raw",
             )
     draft_dir = Path(ctx.cfg.get("draft_dir", "models/draft"))
     if not (draft_dir / "config.json").is_file():

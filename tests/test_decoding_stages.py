@@ -106,7 +106,7 @@ def test_speed_settings_bad_params_fail_clearly():
     settings, dtype = settings_for({"k": [1, 3], "cpu": {"k": [2], "dtype": "float32"}}, on_gpu=False, where="params.yaml:speed")
     assert settings.k_values == [2] and dtype == "float32" and settings.cuda_graphs is False
     for bad, match in (({"k": [0, 2]}, "speed.k"), ({"dtype": "int8"}, "speed.dtype"), ({"new_tokens": 1}, "new_tokens"),
-                       ({"prompt_format": "plain"}, "speed.prompt_format")):
+                       ({"prompt_format": "plain"}, "speed.prompt_format"), ({"prompt_lengths": []}, "speed.prompt_lengths")):
         with pytest.raises(PipelineError, match=match):
             settings_for(bad, on_gpu=True, where="params.yaml:speed")
 
@@ -126,10 +126,17 @@ def test_chat_prompts_fill_one_user_turn_to_the_exact_length():
     text = tokenizer.decode(ids[0])
     assert text.endswith(tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False,
                                                        add_generation_prompt=True).split("x")[-1])
+    # texts are joined and tokenized as running text, not piece by piece
+    body = ids[0].tolist()[len(prefix): -len(suffix)]
+    running = tokenizer("\n\n".join(["say hello", "the cat sat"] * 40), add_special_tokens=False)["input_ids"]
+    assert body == running[: len(body)]
     raw = prompt_ids(tokenizer, ["say hello"], 10, 1, len(tokenizer), prompt_format="raw")
     assert raw.shape == (1, 10) and raw[0].tolist()[: len(prefix)] != prefix
     with pytest.raises(ValueError, match="no room"):
         prompt_ids(tokenizer, ["say hello"], len(prefix) + len(suffix), 1, len(tokenizer))
+    tokenizer.chat_template = "{{ 'a template that drops the user text' }}"
+    with pytest.raises(ValueError, match="exactly once"):
+        chat_frame(tokenizer)
 
 
 def test_speed_prompt_shorter_than_the_chat_template_fails_before_measuring(stage_repo, capsys):
@@ -142,4 +149,4 @@ def test_speed_prompt_shorter_than_the_chat_template_fails_before_measuring(stag
         run_stage("speed", stages.speed.main, argv=["--key", "teacher", "--params", "short.yaml"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "leaves no room" in err and "speed.prompt_lengths (cpu overrides)" in err
+    assert "leaves no room" in err and "speed.cpu.prompt_lengths" in err

@@ -187,6 +187,21 @@ def test_resume_after_kill_gives_the_same_weights(workspace):
     assert [h["loss"] for h in history(straight)] == [h["loss"] for h in history(killed)]
 
 
+def test_checkpoint_of_other_loss_tokens_is_not_resumed(workspace):
+    """Same rows and plan, other scored tokens: resuming would mix two objectives in one model."""
+    killed = make_params(workspace, "mixed", max_steps=4, checkpoint_every=2)
+
+    def kill(step):
+        if step == 3:
+            raise KeyboardInterrupt("simulated kill")
+
+    with pytest.raises(KeyboardInterrupt):
+        distill_ratio(0.5, killed, on_step=kill)
+    assert (resume_dir(killed, 0.5) / "checkpoints" / "step-000002").exists()
+    with pytest.raises(PipelineError, match="another data plan"):
+        distill_ratio(0.5, replace(killed, loss_tokens="all"), on_step=fail_if_training)
+
+
 def test_topk_cache_trains(workspace):
     params = make_params(workspace, "topk", teacher_logits="topk_cache", topk=8, layout="padding", max_steps=6)
     metrics = distill_ratio(0.5, params)

@@ -67,6 +67,9 @@ def chat_frame(tokenizer) -> tuple[list[int], list[int]]:
     if not getattr(tokenizer, "chat_template", None):
         return [], []
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": _MARKER}], tokenize=False, add_generation_prompt=True)
+    if not isinstance(rendered, str) or rendered.count(_MARKER) != 1:
+        raise ValueError("the chat template does not render a user turn's text exactly once, so a chat prompt of an exact "
+                         "length cannot be built from it")
     before, after = rendered.split(_MARKER)
     return tokenizer(before, add_special_tokens=False)["input_ids"], tokenizer(after, add_special_tokens=False)["input_ids"]
 
@@ -93,11 +96,19 @@ def prompt_ids(tokenizer, texts: list[str], length: int, batch: int, vocab_size:
         raise ValueError(f"prompt length {length} leaves no room for text inside the chat template ({len(prefix) + len(suffix)} tokens)")
     rows = []
     for r in range(batch):
-        ids: list[int] = []
-        i = r
-        while len(ids) < room:
-            ids.extend(tokenizer(texts[i % len(texts)] + "\n\n", add_special_tokens=False)["input_ids"])
-            i += 1
+        # the texts joined into one string and tokenized once, so every boundary is tokenized as the
+        # tokenizer would tokenize running text
+        pieces: list[str] = []
+        chars, want, i = 0, 2 * room, r
+        while True:
+            while chars < want:
+                pieces.append(texts[i % len(texts)])
+                chars += len(pieces[-1]) + 2
+                i += 1
+            ids = tokenizer("\n\n".join(pieces), add_special_tokens=False)["input_ids"]
+            if len(ids) >= room:
+                break
+            want *= 2
         rows.append(prefix + ids[:room] + suffix)
     return torch.tensor(rows, dtype=torch.long)
 

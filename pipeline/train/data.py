@@ -8,8 +8,9 @@ and the cosine schedule knows its length.
 
 Rows. Each conversation is rendered with the teacher's chat template and tokenised piece by piece
 (the text before each assistant answer, the answer, the rest), so the assistant tokens are known
-exactly without relying on ``{% generation %}`` markers that most chat templates lack. Only the
-assistant tokens (the answer and its end-of-turn token) are scored. Two layouts:
+exactly without relying on ``{% generation %}`` markers that most chat templates lack. The
+assistant tokens (the answer and its end-of-turn token) are marked as scored; with
+``distill.loss_tokens: all`` the distill stage marks every training token. Two layouts:
 
 * ``padding``: one conversation per row, cut to ``seq_len``, right-padded per micro-batch. With right
   padding and causal models, real tokens never see pads, so no attention mask is needed.
@@ -35,7 +36,8 @@ LAYOUTS = ("padding", "packing")
 
 @dataclass(frozen=True)
 class TokenRow:
-    """One training or evaluation row. ``scored[t]`` is True when token ``t`` is an assistant token."""
+    """One training or evaluation row. ``scored[t]`` is True when token ``t`` is scored (an assistant token,
+    or any token under ``loss_tokens: all``)."""
 
     input_ids: tuple[int, ...]
     scored: tuple[bool, ...]
@@ -168,6 +170,6 @@ def collate(rows: list[TokenRow], indices: list[int], pad_id: int) -> dict[str, 
     for b, i in enumerate(indices):
         row = rows[i]
         ids[b, : len(row.input_ids)] = torch.tensor(row.input_ids)
-        # logits at t predict token t + 1: score position t when token t + 1 is an assistant token
+        # logits at t predict token t + 1: score position t when token t + 1 is scored
         score[b, : len(row.scored) - 1] = torch.tensor(row.scored[1:], dtype=torch.bool)
     return {"input_ids": ids, "score_mask": score, "index": torch.tensor(indices), "tokens": sum(len(rows[i].input_ids) for i in indices)}

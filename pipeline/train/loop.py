@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import time
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -116,9 +117,14 @@ def latest_checkpoint(state_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def plan_sha256(plan: list[list[int]]) -> str:
-    """Identifies the data plan, so a checkpoint is never resumed with other data, batch size or seed."""
-    return hashlib.sha256(json.dumps(plan).encode()).hexdigest()
+def plan_sha256(plan: list[list[int]], rows: list[TokenRow] | None = None) -> str:
+    """Identifies the data plan and the rows it indexes (tokens and which are scored), so a checkpoint
+    is never resumed with other data, batch size, seed or ``loss_tokens``."""
+    digest = hashlib.sha256(json.dumps(plan).encode())
+    for row in rows or []:
+        digest.update(array("i", row.input_ids).tobytes())
+        digest.update(bytes(row.scored))
+    return digest.hexdigest()
 
 
 def read_progress(checkpoint: Path) -> dict[str, Any]:
@@ -153,11 +159,12 @@ def train(
 
     start, tokens, history, resumed_from = 0, 0, [], None
     caller_state = dict(caller_state or {})
+    data_sha256 = plan_sha256(plan, rows)
     checkpoint = latest_checkpoint(state_dir)
     if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         progress = read_progress(checkpoint)
-        if progress["plan_sha256"] != plan_sha256(plan):
+        if progress["plan_sha256"] != data_sha256:
             raise PipelineError(
                 f"checkpoint {checkpoint} was written for another data plan ({progress['plan_length']} steps; this run has {len(plan)})",
                 where=str(checkpoint), fix=f"delete {state_dir} to start over (the params or data changed)",
@@ -212,14 +219,15 @@ def train(
         if log_metrics is not None and accelerator.is_main_process:
             log_metrics({f"train.{k}": v for k, v in record.items() if k != "step"}, step + 1)
         if (step + 1) % params.checkpoint_every == 0 and step + 1 < len(plan):
-            save_checkpoint(accelerator, state_dir, step + 1, plan, tokens, history, caller_state, params.keep_checkpoints)
+            save_checkpoint(accelerator, state_dir, step + 1, len(plan), data_sha256, tokens, history, caller_state,
+                            params.keep_checkpoints)
         if on_step is not None:
             on_step(step + 1)
     return TrainResult(history=history, steps=len(plan), tokens=tokens, caller_state=caller_state, resumed_from=resumed_from)
 
 
 def save_checkpoint(
-    accelerator: Accelerator, state_dir: Path, step: int, plan: list[list[int]], tokens: int,
+    accelerator: Accelerator, state_dir: Path, step: int, plan_length: int, data_sha256: str, tokens: int,
     history: list[dict[str, float]], caller_state: dict[str, Any], keep: int,
 ) -> Path:
     root = state_dir / "checkpoints"
@@ -232,7 +240,7 @@ def save_checkpoint(
     accelerator.save_state(str(tmp), safe_serialization=False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        progress = {"step": step, "plan_length": len(plan), "plan_sha256": plan_sha256(plan), "tokens": tokens, "history": history, "caller_state": caller_state}
+        progress = {"step": step, "plan_length": plan_length, "plan_sha256": data_sha256, "tokens": tokens, "history": history, "caller_state": caller_state}
         (tmp / PROGRESS).write_text(json.dumps(progress))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
