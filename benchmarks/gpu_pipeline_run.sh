@@ -9,6 +9,8 @@
 #               every stage on a tiny random teacher (benchmarks/gpu_smoke.py): a stage that breaks
 #               only on CUDA shows here, in about two minutes, not half way through the real run
 #      (or: receive, carry .gpu/teacher.part0: only keep the first half)
+#   (optional) kernels  carry .gpu/kernels               install mamba-ssm into /tmp/site, so that training
+#               uses its Triton SSD backward instead of the PyTorch reference (not yet used in a full run)
 #   3. repro    carry .gpu/teacher.part1 .gpu/teacher.sha256
 #               join and check the GGUF, then the whole graph (params-gpu.yaml) through the flow's
 #               thread runner (`python -m pipeline.flow --runner threads --jobs $JOBS`: independent
@@ -19,7 +21,7 @@
 # Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
 # under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
 set -uo pipefail
-step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|repro}
+step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|kernels|repro}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 SITE=/tmp/site
@@ -46,6 +48,10 @@ setup)
   ;;
 receive)
   mkdir -p /tmp/teacher && cp .gpu/teacher.part0 /tmp/teacher/ || exit 1
+  ;;
+kernels)
+  python3 -m pip install -q --no-index --no-deps --target "$SITE" .gpu/kernels/*.whl 2>&1 | tail -3 || exit 1
+  python3 -c "import mamba_ssm; from pipeline.ops.backend import resolve_backend; print('mamba_ssm', mamba_ssm.__version__, '- backend for cuda:', resolve_backend('auto', 'cuda'))" 2>&1 | tail -1 | tee "$OUT/kernels.txt"
   ;;
 smoke)
   mkdir -p /tmp/teacher && cp .gpu/teacher.part0 /tmp/teacher/ || exit 1
@@ -86,6 +92,6 @@ repro)
   exit "$status"
   ;;
 *)
-  echo "unknown step $step (setup | smoke | receive | repro)" >&2; exit 2 ;;
+  echo "unknown step $step (setup | smoke | receive | kernels | repro)" >&2; exit 2 ;;
 esac
 echo "$step done in $(( $(date +%s) - started )) s" | tee -a "$OUT/$step.log"
