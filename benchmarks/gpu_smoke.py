@@ -32,6 +32,7 @@ def gpu_overrides(params: dict, mirror: str) -> dict:
     params["pseudo_labels"]["dtype"] = "bfloat16"
     params["dpo"].update(pairs={"kind": "files", "paths": [f"{mirror}/hh_rlhf/helpful-base/test.jsonl.gz"]}, max_pairs=8)
     params["draft"].update(steps=4)
+    params["draft_tune"].update(steps=4)
     params["speed"].update(k=[1, 3], prompt_lengths=[64, 256], new_tokens=8, plain_batch_sizes=[1, 2], repeats=1,
                            dtype="bfloat16", cuda_graphs=True)
     return params

@@ -3,8 +3,9 @@
 params.yaml::
 
     speed:
-      models: *eval_models         # teacher: models/teacher, "0.5": models/dpo_0.5, ...
-      draft_dir: models/draft      # the draft stage's output; shares the teacher's tokenizer
+      targets:                     # per model: the checkpoint to time and the draft that proposes for it
+        teacher: {model: models/teacher, draft: models/draft}           # the draft stage's (imitates the teacher)
+        "0.5": {model: models/dpo_0.5, draft: models/draft_0.5}         # draft_tune@0.5's (imitates the hybrid)
       prompts_file: data/prompts/prompts.jsonl   # prompt text (acceptance depends on real text)
       prompt_format: chat          # chat: a user turn + generation prompt (as the models are used) | raw: bare text
       k: [1, 2, 3, 4, 5, 6, 7, 8]
@@ -37,7 +38,6 @@ import torch
 
 from pipeline.decoding.speed import PROMPT_FORMATS, SpeedSettings, chat_frame, hardware, headline, plot, speed_table
 from pipeline.errors import PipelineError
-from pipeline.eval.inputs import model_dir
 from pipeline.io import atomic_write_json
 from pipeline.stage import StageContext, run_stage
 
@@ -75,6 +75,22 @@ def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, st
     return settings, dtype
 
 
+def target_and_draft(cfg: dict, key: str | None, where: str) -> tuple[Path, Path]:
+    """The checkpoint to time and the draft that proposes for it, from ``speed.targets``."""
+    targets = {str(k): v for k, v in (cfg.get("targets") or {}).items()}
+    if key is None or str(key) not in targets:
+        raise PipelineError(f"no speed target '{key}'", where=f"{where}.targets", fix=f"pass --key with one of {sorted(targets)}")
+    entry = targets[str(key)]
+    if not (isinstance(entry, dict) and {"model", "draft"} <= set(entry)):
+        raise PipelineError(f"speed target '{key}' must be a mapping with model and draft, got {entry!r}",
+                            where=f"{where}.targets.{key}", fix="e.g. {model: models/dpo_0.5, draft: models/draft_0.5}")
+    model = Path(str(entry["model"]))
+    if not model.is_dir():
+        raise PipelineError(f"model directory {model} does not exist", where=f"{where}.targets.{key}.model",
+                            fix="run the stage that writes it")
+    return model, Path(str(entry["draft"]))
+
+
 def prompt_texts(path: Path) -> list[str]:
     if not path.is_file():
         return []
@@ -93,7 +109,7 @@ def main(ctx: StageContext) -> None:
     where = f"{ctx.params_path}:speed"
     on_gpu = torch.cuda.is_available()
     settings, dtype = settings_for(ctx.cfg, on_gpu, where)
-    target_dir = model_dir(ctx.cfg, ctx.key, where)
+    target_dir, draft_dir = target_and_draft(ctx.cfg, ctx.key, where)
     tokenizer = AutoTokenizer.from_pretrained(target_dir)
     if settings.prompt_format == "chat":
         lengths_where = f"{where}.cpu.prompt_lengths" if not on_gpu and "prompt_lengths" in (ctx.cfg.get("cpu") or {}) else f"{where}.prompt_lengths"
@@ -107,9 +123,9 @@ def main(ctx: StageContext) -> None:
                 f"prompt length {min(settings.prompt_lengths)} leaves no room for text: the chat template alone takes {frame} tokens",
                 where=lengths_where, fix=f"use prompt lengths above {frame}, or prompt_format: raw",
             )
-    draft_dir = Path(ctx.cfg.get("draft_dir", "models/draft"))
     if not (draft_dir / "config.json").is_file():
-        raise PipelineError(f"no draft model in {draft_dir}", where=f"{where}.draft_dir", fix="run `dvc repro draft` first")
+        raise PipelineError(f"no draft model in {draft_dir}", where=f"{where}.targets.{ctx.key}.draft",
+                            fix="run the stage that writes it first (`dvc repro draft` / `dvc repro draft_tune`)")
     device = "cuda" if on_gpu else "cpu"
     if not on_gpu:
         print(f"speed@{ctx.key}: no GPU — running tiny CPU settings ({where}.cpu); these numbers are not speed results")

@@ -1,4 +1,4 @@
-"""Stages ``draft`` and ``speed@<model>`` end to end on CPU (tiny teacher, tiny settings), and the draft builder."""
+"""Stages ``draft``, ``draft_tune@<ratio>`` and ``speed@<model>`` end to end on CPU (tiny teacher, tiny settings), and the draft builder."""
 
 from __future__ import annotations
 
@@ -67,9 +67,11 @@ def stage_repo(tmp_path, monkeypatch):
         "teacher": {"out_dir": "models/teacher"},
         "pseudo_labels": {"out_dir": "data/pseudo_labels"},
         "draft": {"out_dir": "models/draft", "num_layers": 1, "cpu_steps": 3, "batch_size": 2, "seq_len": 32, "lr": 1e-3},
+        "draft_tune": {"targets": {"0.5": "models/dpo_0.5"}, "out_prefix": "models/draft_", "cpu_steps": 2,
+                       "batch_size": 2, "seq_len": 32},
         "speed": {
-            "models": {"teacher": "models/teacher", "0.5": "models/dpo_0.5"},
-            "draft_dir": "models/draft",
+            "targets": {"teacher": {"model": "models/teacher", "draft": "models/draft"},
+                        "0.5": {"model": "models/dpo_0.5", "draft": "models/draft_0.5"}},
             "cpu": {"k": [1, 2], "prompt_lengths": [24], "new_tokens": 4, "plain_batch_sizes": [1, 2], "repeats": 1},
         },
     }
@@ -81,9 +83,17 @@ def test_draft_then_speed_stages_on_cpu(stage_repo, capsys):
     import stages.draft
     import stages.speed
 
+    import stages.draft_tune
+
     run_stage("draft", stages.draft.main, argv=[])
     manifest = json.loads((stage_repo / "models/draft/draft_manifest.json").read_text())
     assert manifest["steps"] == 3 and manifest["source_layers"] == [1]
+    run_stage("draft_tune", stages.draft_tune.main, argv=["--key", "0.5"])
+    tuned = json.loads((stage_repo / "models/draft_0.5/draft_manifest.json").read_text())
+    assert tuned["steps"] == 2 and tuned["target_dir"] == "models/dpo_0.5" and tuned["base_draft"] == "models/draft"
+    base = AutoModelForCausalLM.from_pretrained(stage_repo / "models/draft").state_dict()
+    moved = AutoModelForCausalLM.from_pretrained(stage_repo / "models/draft_0.5").state_dict()
+    assert base.keys() == moved.keys() and any(not torch.equal(base[k], moved[k]) for k in base)
     for key in ("teacher", "0.5"):
         run_stage("speed", stages.speed.main, argv=["--key", key])
         metrics = json.loads((stage_repo / f"reports/metrics/speed_{key}.json").read_text())
@@ -150,3 +160,21 @@ def test_speed_prompt_shorter_than_the_chat_template_fails_before_measuring(stag
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "leaves no room" in err and "speed.cpu.prompt_lengths" in err
+
+
+def test_draft_tune_and_speed_targets_bad_input_fail_clearly(stage_repo, capsys):
+    import stages.draft_tune
+    import stages.speed
+
+    with pytest.raises(SystemExit) as exit_info:  # the teacher's draft does not exist yet
+        run_stage("draft_tune", stages.draft_tune.main, argv=["--key", "0.5"])
+    assert exit_info.value.code == 2 and "run `dvc repro draft` first" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_stage("draft_tune", stages.draft_tune.main, argv=["--key", "0.25"])
+    assert "no draft_tune target '0.25'" in capsys.readouterr().err
+    params = yaml.safe_load((stage_repo / "params.yaml").read_text())
+    params["speed"]["targets"]["0.5"] = "models/dpo_0.5"  # the old shape: a path, no draft
+    (stage_repo / "old.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit):
+        run_stage("speed", stages.speed.main, argv=["--key", "0.5", "--params", "old.yaml"])
+    assert "must be a mapping with model and draft" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The whole pipeline, every stage of dvc.yaml, on a tiny random teacher in a throwaway repo copy.
 
 teacher (a local tiny Llama dir) → prompts → pseudo_labels → distill@0.5/0.75/0.875 (progressive) →
-sft@r → dpo@r → draft → speed, lm_eval, alpaca_eval, mt_bench for one hybrid → judge_check → report.
+sft@r → dpo@r → draft → draft_tune → speed, lm_eval, alpaca_eval, mt_bench for one hybrid → judge_check → report.
 Quality is meaningless here; the point is that the stages connect: each reads what the previous one
 wrote, a second `dvc repro` does nothing, and the report holds the hybrid's row.
 """
@@ -67,7 +67,7 @@ def test_every_stage_runs_and_connects(full):
     output = dvc(full, "repro")
     expected = ["teacher", "prompts", "pseudo_labels", "draft", "judge_check", "report"]
     expected += [f"{s}@{r}" for s in ("distill", "sft", "dpo") for r in ("0.5", "0.75", "0.875")]
-    expected += [f"{s}@0.875" for s in ("speed", "lm_eval", "alpaca_eval", "mt_bench")]
+    expected += [f"{s}@0.875" for s in ("draft_tune", "speed", "lm_eval", "alpaca_eval", "mt_bench")]
     ran = {s for s in expected if f"Running stage '{s}'" in output}
     assert ran == set(expected), sorted(set(expected) - ran)
     config = json.loads((repo / "models/dpo_0.875/config.json").read_text())

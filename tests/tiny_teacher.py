@@ -87,8 +87,10 @@ def tiny_profile(params: dict, mirror: str) -> dict:
     p["dpo"]["pairs"].update(max_prompts=4, max_new_tokens=8, batch_size=4)
     p["dpo"].update(max_steps=2, per_device_batch_size=1, grad_accum=1, max_length=64, save_steps=1)
     p["draft"].update(num_layers=2, cpu_steps=2, batch_size=2, seq_len=32)
-    p["speed"].update(models=models, cpu={"k": [1, 2], "prompt_lengths": [24], "new_tokens": 4,
-                                          "plain_batch_sizes": [1], "repeats": 1, "dtype": "float32"})
+    p["draft_tune"].update(targets=models, cpu_steps=2, batch_size=2, seq_len=32)
+    p["speed"].update(targets={key: {"model": path, "draft": f"models/draft_{key}"} for key, path in models.items()},
+                      cpu={"k": [1, 2], "prompt_lengths": [24], "new_tokens": 4,
+                           "plain_batch_sizes": [1], "repeats": 1, "dtype": "float32"})
     p["judge"].update(batch_size=4, max_new_tokens=8)
     p["lm_eval"].update(models=models, data_mirror=mirror, limit=2, batch_size=4,
                         suites={"zero_shot": {"num_fewshot": 0, "tasks": ["arc_easy", "piqa"]}})

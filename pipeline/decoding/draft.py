@@ -94,7 +94,10 @@ def distill_draft(
     draft, teacher, rows: list[list[int]], *, steps: int, batch_size: int = 8, lr: float = 1e-4,
     temperature: float = 1.0, seed: int = 0, pad_id: int = 0, log_every: int = 10, on_log=None,
 ) -> list[dict[str, float]]:
-    """KL(teacher ‖ draft) on the teacher's own answers for ``steps`` AdamW steps (linear warmup, cosine decay).
+    """KL(teacher ‖ draft) on the pseudo-label conversations for ``steps`` AdamW steps (linear warmup, cosine decay).
+
+    ``teacher`` is whatever the draft should imitate: the teacher (stage ``draft``) or a hybrid
+    (stage ``draft_tune``).
 
     On a GPU the forward passes run under bf16 autocast (weights and the KL stay fp32): the draft
     trains beside the distillation stages, so its steps should be cheap.
