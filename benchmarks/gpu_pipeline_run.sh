@@ -16,8 +16,9 @@
 #               thread runner (`python -m pipeline.flow --runner threads --jobs $JOBS`: independent
 #               stages side by side on the GPU, speed@* alone) for up to REPRO_TIMEOUT s
 #   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
-#               (the whole graph on one H100 needs about three 9-minute repro calls; a machine is held
-#               at most 30 minutes, so with REPRO_TIMEOUT=540 setup + receive + 3 x repro just fit)
+#               (the whole graph on one H100 took three 9-minute repro calls in run 2026-11-25d, before the
+#               draft_tune stages existed; a machine is held at most 30 minutes, so with REPRO_TIMEOUT=540
+#               setup + receive + 3 x repro just fit)
 # Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
 # under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
 set -uo pipefail
