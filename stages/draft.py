@@ -20,13 +20,12 @@ writes a plain causal-LM checkpoint + tokenizer + ``draft_manifest.json`` to ``o
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
 from pipeline.data.pseudo_labels import load_teacher
-from pipeline.decoding.draft import MANIFEST, build_draft, distill_draft, save_draft, token_rows
+from pipeline.decoding.draft import MANIFEST, build_draft, distill_and_save, token_rows
 from pipeline.stage import StageContext, run_stage
 
 
@@ -47,23 +46,12 @@ def main(ctx: StageContext) -> None:
     if device == "cpu":
         print(f"draft: no GPU, running {steps} CPU steps (params.yaml:draft.cpu_steps); expect a weak draft")
 
-    started = time.perf_counter()
-    history = distill_draft(
-        draft, teacher, rows, steps=steps, batch_size=int(cfg.get("batch_size", 8)), lr=float(cfg.get("lr", 1e-4)),
-        temperature=float(cfg.get("temperature", 1.0)), seed=int(cfg.get("seed", 0)),
-        pad_id=tokenizer.pad_token_id or 0,
+    manifest = {"teacher_dir": str(teacher_dir), "source_layers": draft.config.draft_source_layers}
+    distill_and_save(
+        draft, teacher, tokenizer, rows, out_dir, manifest, steps=steps, batch_size=int(cfg.get("batch_size", 8)),
+        lr=float(cfg.get("lr", 1e-4)), temperature=float(cfg.get("temperature", 1.0)), seed=int(cfg.get("seed", 0)),
         on_log=lambda r: ctx.log_metrics({"draft.kl": r["kl"], "draft.top1_agreement": r["top1_agreement"]}, step=r["step"]),
     )
-    manifest = {
-        "teacher_dir": str(teacher_dir),
-        "source_layers": draft.config.draft_source_layers,
-        "steps": steps,
-        "device": device,
-        "seconds": time.perf_counter() - started,
-        "final": history[-1] if history else None,
-        "rows": len(rows),
-    }
-    save_draft(draft.to("cpu"), tokenizer, out_dir, manifest)
     ctx.log_artifact(out_dir / MANIFEST)
 
 

@@ -25,12 +25,11 @@ plain causal-LM checkpoint + tokenizer + ``draft_manifest.json`` to ``<out_prefi
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
 
-from pipeline.decoding.draft import MANIFEST, distill_draft, save_draft, token_rows
+from pipeline.decoding.draft import MANIFEST, distill_and_save, token_rows
 from pipeline.errors import PipelineError
 from pipeline.stage import StageContext, run_stage
 
@@ -69,24 +68,13 @@ def main(ctx: StageContext) -> None:
     if device == "cpu":
         print(f"draft_tune@{ctx.key}: no GPU, running {steps} CPU steps ({where}.cpu_steps); expect little change")
 
-    started = time.perf_counter()
-    history = distill_draft(
-        draft, target, rows, steps=steps, batch_size=int(cfg.get("batch_size", 32)), lr=float(cfg.get("lr", 3e-4)),
-        temperature=float(cfg.get("temperature", 1.0)), seed=int(cfg.get("seed", 0)), pad_id=tokenizer.pad_token_id or 0,
+    manifest = {"base_draft": str(base_dir), "target_dir": str(target_dir),
+                "source_layers": getattr(draft.config, "draft_source_layers", None)}
+    distill_and_save(
+        draft, target, tokenizer, rows, out_dir, manifest, steps=steps, batch_size=int(cfg.get("batch_size", 32)),
+        lr=float(cfg.get("lr", 3e-4)), temperature=float(cfg.get("temperature", 1.0)), seed=int(cfg.get("seed", 0)),
         on_log=lambda r: ctx.log_metrics({"draft_tune.kl": r["kl"], "draft_tune.top1_agreement": r["top1_agreement"]}, step=r["step"]),
     )
-    manifest = {
-        "base_draft": str(base_dir),
-        "target_dir": str(target_dir),
-        "source_layers": getattr(draft.config, "draft_source_layers", None),
-        "steps": steps,
-        "device": device,
-        "seconds": time.perf_counter() - started,
-        "first": history[0] if history else None,
-        "final": history[-1] if history else None,
-        "rows": len(rows),
-    }
-    save_draft(draft.to("cpu"), tokenizer, out_dir, manifest)
     ctx.log_artifact(out_dir / MANIFEST)
 
 

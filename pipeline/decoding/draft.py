@@ -14,6 +14,7 @@ import copy
 import json
 import math
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.train.losses import kl_logprobs
 
 MANIFEST = "draft_manifest.json"
 
@@ -122,7 +124,7 @@ def distill_draft(
             draft_logits = draft(ids, attention_mask=mask.long()).logits
         target = F.log_softmax(teacher_logits.float()[mask] / temperature, -1)
         student = F.log_softmax(draft_logits.float()[mask] / temperature, -1)
-        kl = (target.exp() * (target - student)).sum(-1).mean() * temperature**2
+        kl = kl_logprobs(target, student).mean() * temperature**2
         optimizer.zero_grad(set_to_none=True)
         kl.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
@@ -135,6 +137,27 @@ def distill_draft(
             if on_log is not None:
                 on_log(record)
     draft.eval()
+    return history
+
+
+def distill_and_save(
+    draft, teacher, tokenizer, rows: list[list[int]], out_dir: str | Path, manifest: dict[str, Any], *, steps: int, **distill_kwargs,
+) -> list[dict[str, float]]:
+    """:func:`distill_draft`, then :func:`save_draft` with ``manifest`` plus what the run did (steps,
+    device, seconds, first and last logged record, rows): the shared body of stages draft and draft_tune."""
+    device = next(draft.parameters()).device
+    started = time.perf_counter()
+    history = distill_draft(draft, teacher, rows, steps=steps, pad_id=tokenizer.pad_token_id or 0, **distill_kwargs)
+    manifest = {
+        **manifest,
+        "steps": steps,
+        "device": device.type,
+        "seconds": time.perf_counter() - started,
+        "first": history[0] if history else None,
+        "final": history[-1] if history else None,
+        "rows": len(rows),
+    }
+    save_draft(draft.to("cpu"), tokenizer, out_dir, manifest)
     return history
 
 

@@ -76,6 +76,8 @@ def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int =
     """
     import torch.nn.functional as F
 
+    from pipeline.train.losses import kl_logprobs
+
     num_layers = teacher.config.num_hidden_layers
     device = next(teacher.parameters()).device  # each one-layer hybrid is built on the teacher's device
     batches = [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in batches]
@@ -89,7 +91,7 @@ def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int =
     scores = []
     for layer in range(num_layers):
         hybrid = build_hybrid(teacher, [i for i in range(num_layers) if i != layer], mixer_type, seed=seed).eval()
-        total = sum(float((t.exp() * (t - scored_logprobs(hybrid, b))).sum()) for b, t in zip(batches, targets))
+        total = sum(float(kl_logprobs(t, scored_logprobs(hybrid, b)).sum()) for b, t in zip(batches, targets))
         scores.append(total * temperature**2 / max(scored, 1))
         log.info("layer %d: KL %.4f when converted alone", layer, scores[-1])
         del hybrid

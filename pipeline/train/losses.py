@@ -24,11 +24,16 @@ import torch.nn.functional as F
 _TINY = 1e-12
 
 
+def kl_logprobs(teacher_logprobs: torch.Tensor, student_logprobs: torch.Tensor) -> torch.Tensor:
+    """Per position ``KL(teacher || student)`` from log-probabilities over the full vocabulary (last dim)."""
+    return (teacher_logprobs.exp() * (teacher_logprobs - student_logprobs)).sum(-1)
+
+
 def kl_full_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Sum over masked positions of ``KL(teacher_T || student_T) * T**2`` on the full vocabulary."""
     s = F.log_softmax(student_logits[mask].float() / temperature, dim=-1)
     t = F.log_softmax(teacher_logits[mask].float() / temperature, dim=-1)
-    return (t.exp() * (t - s)).sum() * temperature**2
+    return kl_logprobs(t, s).sum() * temperature**2
 
 
 def kl_topk_sum(
