@@ -15,7 +15,9 @@ graphs. Both follow from one design:
   replays those steps from the verified state, then runs its own tokens, and stores only the
   state it needs next. Replay is exact: it repeats the verification's arithmetic on the same
   inputs. The conv state is a window of the last ``d_conv - 1 + max_block`` inputs read at
-  offset ``replay[r]``.
+  offset ``replay[r]``. With ``conv_ring`` (the fused kernels' layout) the window is a ring:
+  the input at position ``j`` lives in slot ``j mod window``, so a block reads the slots before
+  ``lengths[r]`` and writes its own, and rejected inputs are overwritten by later blocks.
 
 The buffers never change address, so a captured graph stays valid across rounds.
 """
@@ -52,8 +54,10 @@ class StaticHybridCache:
         max_block: int,
         dtype: torch.dtype,
         device: torch.device | str,
+        conv_ring: bool = False,
     ):
         self.config = config
+        self.conv_ring = conv_ring
         self.batch_size = batch_size
         self.max_length = max_length
         self.max_block = max_block
@@ -83,10 +87,25 @@ class StaticHybridCache:
             self.keys[i][rows, :, :length] = prefill.key_cache[i]
             self.values[i][rows, :, :length] = prefill.value_cache[i]
         for i in self.conv_windows:
-            self.conv_windows[i][rows, :, : self.conv_keep] = prefill.conv_states[i]
+            if self.conv_ring:
+                size = self.conv_windows[i].shape[-1]
+                for j in range(self.conv_keep):  # input of position length - keep + j
+                    self.conv_windows[i][rows, :, (length - self.conv_keep + j) % size] = prefill.conv_states[i][:, :, j]
+            else:
+                self.conv_windows[i][rows, :, : self.conv_keep] = prefill.conv_states[i]
             self.ssm_states[i][rows] = prefill.ssm_states[i]
         self.lengths[rows] = length
         self.replay[rows] = 0
+
+    def conv_state(self, i: int) -> torch.Tensor:
+        """Layer ``i``'s current conv state (b, channels, d_conv - 1): the inputs before each row's next token."""
+        window = self.conv_windows[i]
+        steps = torch.arange(self.conv_keep, device=window.device)
+        if self.conv_ring:
+            offsets = (self.lengths[:, None] - self.conv_keep + steps) % window.shape[-1]
+        else:
+            offsets = self.replay[:, None] + steps
+        return window.gather(2, offsets[:, None, :].expand(*window.shape[:2], self.conv_keep))
 
     # --- rollback -------------------------------------------------------------------------------
     def commit(self, keep: torch.Tensor) -> None:

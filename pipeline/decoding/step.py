@@ -25,7 +25,7 @@ from pipeline.decoding.static_cache import StaticHybridCache
 from pipeline.models.modeling_hybrid import HybridMambaForCausalLM, repeat_heads
 from pipeline.ops.selective_scan import effective_delta
 
-KERNELS = ("reference", "triton")
+KERNELS = ("reference", "triton", "fused")  # fused: pipeline.decoding.fused_step
 
 
 def attention_mask(positions: torch.Tensor, max_length: int, sliding_window: int | None) -> torch.Tensor:
@@ -162,6 +162,8 @@ def settle(model: HybridMambaForCausalLM, cache: StaticHybridCache) -> None:
             ref.ssd_replay_(cache.ssm_states[i], cache.history[i], cache.replay, A)
         else:
             ref.selective_replay_(cache.ssm_states[i], cache.history[i], cache.replay, A)
+        if cache.conv_ring:
+            continue  # a ring needs no settling: its state is read at the row's length
         window = cache.conv_windows[i]
         offsets = (cache.replay[:, None, None] + torch.arange(keep, device=window.device)).expand(*window.shape[:2], keep)
         window[:, :, :keep].copy_(window.gather(2, offsets))

@@ -1,0 +1,450 @@
+"""Fused Triton kernels for a decoding step of a hybrid: five launches per layer instead of ~40.
+
+Why: at batch 1 a small model's decode step is bound by kernel launches, not by memory. Under a
+CUDA graph each of the ~40 small PyTorch ops of a layer (norm pieces, projections, rotary,
+masks, conv gathers, scan, gating) still costs a few microseconds, while reading the layer's
+weights takes well under one. These kernels fold every elementwise op into the matmul or scan
+beside it:
+
+* :func:`norm_linear` — RMSNorm of the residual stream, then one matmul: the fused q/k/v
+  projection, Mamba's ``in_proj``, the SwiGLU gate/up pair (``silu(g)·u`` in the epilogue) or the
+  LM head;
+* :func:`linear_residual` — a matmul added to the residual stream (``o_proj``/``out_proj``,
+  ``down_proj``);
+* :func:`mamba2_mixer` — one program per (row, head): causal conv over a ring buffer, SiLU,
+  ``softplus(dt)``, replay of the steps accepted in the last block, the block's scan, the D skip
+  and the gated per-head RMSNorm;
+* :func:`attention` — one program per (row, KV head, split of the key range): rotary embedding of
+  the block's queries and keys, KV-cache write, masked attention (GQA without copies, sliding
+  window); :func:`attention` merges the splits of long contexts with a small second kernel
+  (flash-decoding).
+
+Rounding follows the PyTorch modules step by step (e.g. the normalised activations are cast to
+the model dtype before the norm weight multiplies them, as ``LlamaRMSNorm`` does), so in bf16 the
+fused step stays within rounding of the reference step. Runs on CUDA, and on CPU under Triton's
+interpreter (``TRITON_INTERPRET=1``), which is how the tests check it against the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
+BLOCK_K = 64
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# --- matmuls with fused prologue / epilogue -----------------------------------------------------
+
+
+@triton.jit
+def _norm_linear_kernel(
+    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
+    M, N, K, eps,
+    s_xm, s_wn, s_om,
+    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = w_ptr.dtype.element_ty
+
+    sumsq = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :], mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
+        x = x.to(tl.float32)
+        sumsq += tl.sum(x * x, axis=1)
+    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        nw = tl.load(nw_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
+        normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
+        xn = (normed * nw[None, :]).to(dtype)
+        w = tl.load(w_ptr + offs_n[:, None] * s_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(xn, tl.trans(w), acc, input_precision=PRECISION)
+        if SWIGLU:
+            w2 = tl.load(w2_ptr + offs_n[:, None] * s_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc2 = tl.dot(xn, tl.trans(w2), acc2, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if SWIGLU:  # act_fn(gate(x)) * up(x), each rounded to the model dtype as the MLP's modules do
+        gate = acc.to(dtype).to(tl.float32)
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = act * acc2.to(dtype).to(tl.float32)
+    tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _linear_residual_kernel(
+    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, K,
+    s_am, s_wn, s_rm, s_om,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    dtype = w_ptr.dtype.element_ty
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_ptr + offs_m[:, None] * s_am + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * s_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a.to(dtype), tl.trans(w), acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    res = tl.load(res_ptr + offs_m[:, None] * s_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = acc.to(dtype).to(tl.float32) + res  # the module's output, then the residual add
+    tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _block_n(n: int) -> int:
+    return 16 if n <= 4096 else 64
+
+
+def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``RMSNorm(x) @ weight.T (+ bias)`` for x (M, K); with ``up_weight`` the SwiGLU ``silu(g) * u``."""
+    m, k = x.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    block_n = _block_n(n)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M))
+    _norm_linear_kernel[grid](
+        x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight, out,
+        m, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, SWIGLU=up_weight is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K, PRECISION=_precision(weight.dtype),
+    )
+    return out
+
+
+def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``residual + (a @ weight.T + bias)`` for a (M, K), residual (M, N)."""
+    m, k = a.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, device=a.device, dtype=residual.dtype)
+    block_n = _block_n(n)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M))
+    _linear_residual_kernel[grid](
+        a, weight, bias if bias is not None else weight, residual, out,
+        m, n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=BLOCK_K,
+        PRECISION=_precision(weight.dtype),
+    )
+    return out
+
+
+# --- Mamba2 mixer -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, chan, col, b, row0, t, pos0, W,
+               s_pm, s_wb, s_wc, dtype, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """Causal conv + SiLU at position ``pos0 + t`` of channels ``chan`` (in-proj columns ``col``).
+
+    Taps before the block come from the ring buffer (slot = position mod W); taps inside the
+    block from the in-proj output itself. Rounded to the model dtype, as the reference's conv.
+    """
+    acc = tl.zeros(chan.shape, dtype=tl.float32)
+    if HAS_CONV_BIAS:
+        acc += tl.load(conv_b_ptr + chan).to(tl.float32)
+    for j in tl.static_range(WIDTH):
+        q = pos0 + t - (WIDTH - 1) + j
+        before = q < pos0
+        u_ring = tl.load(window_ptr + b * s_wb + chan * s_wc + (q + W) % W, mask=(chan >= 0) & before, other=0.0)
+        u_block = tl.load(proj_ptr + (row0 + q - pos0) * s_pm + col, mask=(chan >= 0) & (q >= pos0), other=0.0)
+        u = tl.where(before, u_ring.to(tl.float32), u_block.to(tl.float32))
+        acc += u * tl.load(conv_w_ptr + chan * WIDTH + j).to(tl.float32)
+    return (acc / (1.0 + tl.exp(-acc))).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _mamba2_mixer_kernel(
+    proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, lengths_ptr, replay_ptr,
+    state_ptr, hx_ptr, hdt_ptr, hb_ptr,
+    a_log_ptr, dt_bias_ptr, d_ptr, norm_w_ptr, y_ptr,
+    T, H, HEADS_PER_GROUP, D_INNER, D_XB, W, eps,
+    s_pm, s_wb, s_wc,
+    s_sb, s_sh, s_sp,
+    s_hxb, s_hxt, s_hxh,
+    s_hdb, s_hdt,
+    s_hbb, s_hbt, s_hbh,
+    s_ym,
+    P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    b = pid // H
+    h = pid % H
+    g = h // HEADS_PER_GROUP
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    dtype = proj_ptr.dtype.element_ty
+    conv_dim = D_INNER + 2 * D_XB
+    # conv channels of this head: x and B of its KV group (shared with the group's other heads), C its own
+    cx = g * P + offs_p
+    cb = D_XB + g * N + offs_n
+    cc = 2 * D_XB + h * N + offs_n
+    pos0 = tl.load(lengths_ptr + b)
+    n_replay = tl.load(replay_ptr + b)
+    row0 = b * T
+
+    # 1. replay the accepted steps of the last block from the verified state; store the result
+    state_ptrs = state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :]
+    state = tl.load(state_ptrs)
+    a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
+    for k in range(0, n_replay):
+        x = tl.load(hx_ptr + b * s_hxb + k * s_hxt + h * s_hxh + offs_p).to(tl.float32)
+        dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + h)
+        bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n).to(tl.float32)
+        state = tl.exp(dt * a) * state + (dt * x)[:, None] * bv[None, :]
+    tl.store(state_ptrs, state)
+    tl.debug_barrier()  # the history slots just read are overwritten below
+
+    # 2. the block: conv, scan from the replayed state, gated norm; its inputs become the history
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    d_skip = tl.load(d_ptr + h).to(tl.float32)
+    norm_w = tl.load(norm_w_ptr + h * P + offs_p).to(tl.float32)
+    for t in range(0, T):
+        row = row0 + t
+        x = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cx, D_INNER + cx, b, row0, t, pos0, W,
+                       s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
+        bv = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cb, D_INNER + cb, b, row0, t, pos0, W,
+                        s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
+        cv = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cc, D_INNER + cc, b, row0, t, pos0, W,
+                        s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
+        raw = tl.load(proj_ptr + row * s_pm + D_INNER + conv_dim + h).to(tl.float32) + dt_bias
+        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        tl.store(hx_ptr + b * s_hxb + t * s_hxt + h * s_hxh + offs_p, x.to(hx_ptr.dtype.element_ty))
+        tl.store(hdt_ptr + b * s_hdb + t * s_hdt + h, dt)
+        tl.store(hb_ptr + b * s_hbb + t * s_hbt + h * s_hbh + offs_n, bv.to(hb_ptr.dtype.element_ty))
+        state = tl.exp(dt * a) * state + (dt * x)[:, None] * bv[None, :]
+        y = tl.sum(state * cv[None, :], axis=1) + d_skip * x
+        y = y.to(dtype).to(tl.float32)
+        z = tl.load(proj_ptr + row * s_pm + h * P + offs_p).to(tl.float32)
+        gated = y * (z / (1.0 + tl.exp(-z)))
+        gated = gated / tl.sqrt(tl.sum(gated * gated, axis=0) / P + eps)
+        tl.store(y_ptr + row * s_ym + h * P + offs_p, (gated * norm_w).to(y_ptr.dtype.element_ty))
+        # the token's raw conv inputs enter the ring at its own slot: later tokens of this block read
+        # the in-proj output instead, and the slots read above (positions < pos0) differ from it
+        slot = (pos0 + t) % W
+        ring = window_ptr + b * s_wb + slot
+        inputs = proj_ptr + row * s_pm + D_INNER
+        tl.store(ring + cx * s_wc, tl.load(inputs + cx).to(window_ptr.dtype.element_ty))
+        tl.store(ring + cb * s_wc, tl.load(inputs + cb).to(window_ptr.dtype.element_ty))
+        tl.store(ring + cc * s_wc, tl.load(inputs + cc).to(window_ptr.dtype.element_ty))
+
+
+def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor,
+                 state: torch.Tensor, history: dict[str, torch.Tensor], batch: int, tokens: int) -> torch.Tensor:
+    """The Mamba2 mixer after ``in_proj``: ``proj`` (b·T, in_proj width) → gated-normed y (b·T, d_inner).
+
+    ``window`` (b, conv_dim, W) is the conv ring (slot = position mod W); ``state`` the verified SSM
+    state (b, h, p, n, fp32), advanced in place by ``replay[r]`` steps of ``history`` (x, dt, B
+    per head), whose first T slots then hold this block's inputs.
+    """
+    h, p, n = mixer.num_heads, mixer.head_dim, mixer.d_state
+    y = torch.empty(proj.shape[0], mixer.d_inner, device=proj.device, dtype=proj.dtype)
+    conv_w = mixer.conv1d.weight.squeeze(1)
+    hx, hdt, hb = history["x"], history["dt"], history["B"]
+    _mamba2_mixer_kernel[(batch * h,)](
+        proj, window, conv_w, mixer.conv1d.bias if mixer.conv1d.bias is not None else conv_w, lengths, replay,
+        state, hx, hdt, hb,
+        mixer.A_log, mixer.dt_bias, mixer.D, mixer.norm.weight, y,
+        tokens, h, h // mixer.num_kv_heads, mixer.d_inner, mixer.d_xb, window.shape[-1], mixer.norm.eps,
+        proj.stride(0), window.stride(0), window.stride(1),
+        state.stride(0), state.stride(1), state.stride(2),
+        hx.stride(0), hx.stride(1), hx.stride(2),
+        hdt.stride(0), hdt.stride(1),
+        hb.stride(0), hb.stride(1), hb.stride(2),
+        y.stride(0),
+        P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+    )
+    return y
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+@triton.jit
+def _rotate(ptr, offs_d, pos, inv_freq, rope_scale, dtype, D: tl.constexpr):
+    """Rotary embedding of one head vector at ``pos``, rounded like ``q * cos + rotate_half(q) * sin``."""
+    v = tl.load(ptr + offs_d).to(tl.float32)
+    partner = tl.load(ptr + (offs_d + D // 2) % D).to(tl.float32)
+    partner = tl.where(offs_d < D // 2, -partner, partner)
+    angle = pos.to(tl.float32) * inv_freq
+    cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+    sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+    return ((v * cos).to(dtype).to(tl.float32) + (partner * sin).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _attention_kernel(
+    qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
+    T, KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
+    s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
+    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    b = pid // KV_HEADS
+    kvh = pid % KV_HEADS
+    hq = KV_HEADS * REP
+    offs_d = tl.arange(0, D)
+    dtype = k_cache_ptr.dtype.element_ty
+    inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2)).to(tl.float32)
+    pos0 = tl.load(lengths_ptr + b)
+    lo = split * SPLIT_LEN
+    hi = lo + SPLIT_LEN
+    cache_base = b * s_cb + kvh * s_ch
+
+    # the block's keys (rotated) and values go into the cache slots of this split
+    for t in range(0, T):
+        pos = pos0 + t
+        mine = (pos >= lo) & (pos < hi)
+        row_ptr = qkv_ptr + (b * T + t) * s_qm
+        k = _rotate(row_ptr + (hq + kvh) * D, offs_d, pos, inv_freq, rope_scale, dtype, D)
+        v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d)
+        tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
+        tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v.to(dtype), mask=(offs_d >= 0) & mine)
+    tl.debug_barrier()
+
+    # queries: row r = i * T + t is query head kvh * REP + i at token t
+    offs_r = tl.arange(0, BLOCK_R)
+    valid_r = offs_r < REP * T
+    t_r = offs_r % T
+    head_r = kvh * REP + offs_r // T
+    pos_r = pos0 + t_r
+    q_rows = qkv_ptr + (b * T + t_r)[:, None] * s_qm + head_r[:, None] * D
+    q_mask = valid_r[:, None] & (offs_d >= 0)[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
+    angle = pos_r.to(tl.float32)[:, None] * inv_freq[None, :]
+    cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
+    sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+    q = ((q * cos).to(dtype).to(tl.float32) + (q_partner * sin).to(dtype).to(tl.float32)).to(dtype)
+
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    end = tl.minimum(hi, pos0 + T)
+    offs_l = tl.arange(0, BLOCK_L)
+    for l0 in range(lo, end, BLOCK_L):
+        slots = l0 + offs_l
+        in_range = slots < end
+        kv_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
+        keys = tl.load(k_cache_ptr + kv_ptrs, mask=in_range[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+        visible = in_range[None, :] & (slots[None, :] <= pos_r[:, None])
+        if HAS_WINDOW:
+            visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        probs = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(probs, axis=1)
+        values = tl.load(v_cache_ptr + kv_ptrs, mask=in_range[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(probs.to(dtype), values, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        o_ptrs = out_ptr + (b * T + t_r)[:, None] * s_om + head_r[:, None] * D + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    else:
+        row = b * T + t_r
+        pa = part_acc_ptr + split * s_pa_s + row[:, None] * s_pa_m + head_r[:, None] * D + offs_d[None, :]
+        tl.store(pa, acc, mask=q_mask)
+        pml = part_ml_ptr + split * s_pml_s + row * s_pml_m + head_r * 2
+        tl.store(pml, m_i, mask=valid_r)
+        tl.store(pml + 1, l_i, mask=valid_r)
+
+
+@triton.jit
+def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
+                              s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om,
+                              D: tl.constexpr, BLOCK_S: tl.constexpr):
+    pid = tl.program_id(0)
+    row = pid // HQ
+    head = pid % HQ
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, D)
+    mask_s = offs_s < SPLITS
+    ml = part_ml_ptr + offs_s * s_pml_s + row * s_pml_m + head * 2
+    m = tl.load(ml, mask=mask_s, other=-1.0e30)
+    l = tl.load(ml + 1, mask=mask_s, other=0.0)
+    weight = tl.exp(m - tl.max(m, axis=0))
+    acc = tl.load(part_acc_ptr + offs_s[:, None] * s_pa_s + row * s_pa_m + head * D + offs_d[None, :],
+                  mask=mask_s[:, None], other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
+    tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
+
+
+def attention_splits(max_length: int, split_len: int = 512) -> tuple[int, int]:
+    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 1k keys."""
+    if max_length <= 2 * split_len:
+        return 1, max_length
+    splits = min(64, triton.cdiv(max_length, split_len))
+    per_split = triton.cdiv(triton.cdiv(max_length, splits), 64) * 64
+    return triton.cdiv(max_length, per_split), per_split
+
+
+def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+              inv_freq: torch.Tensor, rope_scale: float, scale: float, num_heads: int, batch: int, tokens: int,
+              sliding_window: int | None, splits: tuple[int, int]) -> torch.Tensor:
+    """Attention of a block: ``qkv`` (b·T, (h + 2·kv)·d) un-rotated → output (b·T, h·d); writes the KV cache.
+
+    ``keys``/``values`` (b, kv, max_length, d): the block's token ``t`` of row ``r`` goes to slot
+    ``lengths[r] + t`` and attends to slots up to its own.
+    """
+    kv_heads, d = keys.shape[1], keys.shape[-1]
+    rep = num_heads // kv_heads
+    n_splits, split_len = splits
+    out = torch.empty(qkv.shape[0], num_heads * d, device=qkv.device, dtype=qkv.dtype)
+    if n_splits > 1:
+        part_acc = torch.empty(n_splits, qkv.shape[0], num_heads * d, device=qkv.device, dtype=torch.float32)
+        part_ml = torch.empty(n_splits, qkv.shape[0], num_heads * 2, device=qkv.device, dtype=torch.float32)
+    else:
+        part_acc = part_ml = out
+    block_r = max(16, triton.next_power_of_2(rep * tokens))
+    _attention_kernel[(batch * kv_heads, n_splits)](
+        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
+        tokens, kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
+        qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
+        part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
+        D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
+        PRECISION=_precision(keys.dtype),
+    )
+    if n_splits > 1:
+        _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
+            part_acc, part_ml, out, num_heads, n_splits,
+            part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
+            D=d, BLOCK_S=triton.next_power_of_2(n_splits),
+        )
+    return out
