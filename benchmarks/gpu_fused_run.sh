@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call for the fused decoding step: its parity with the reference, then plain decoding
+# One GPU call for the fused decoding step: its parity with the reference, a profile, then plain decoding
 # speed with kernels=fused and, in the same call as the baseline, kernels=triton (random weights:
 # speed does not depend on them).
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]   (results under $OUT, default ./gpu-results)
@@ -11,6 +11,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 status=0
 timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
+timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/fused_profile.py --out "$OUT/fused_profile.json" 2>&1 | grep -v Warn | tee "$OUT/fused_profile.txt" || status=1
 for kernels in ${KERNELS:-fused triton}; do
   timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/speed_table.py --parts plain --kernels "$kernels" \
     --budget-s $(( ${SPEED_TIMEOUT:-200} - 30 )) --out "$OUT/speed-$kernels" "$@" 2>&1 | tee "$OUT/speed-$kernels.txt" || status=1

@@ -153,6 +153,33 @@ class DecodeSession:
         return self.cache.lengths
 
     # --- CUDA graphs ---------------------------------------------------------------------------
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The block step itself, never through a graph: for callers capturing a larger loop body."""
+        return self._step(tokens)
+
+    def capture(self, body, state: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of ``body()``, a closure over static tensors that calls :meth:`step`.
+
+        Whatever ``body`` changes must be in the cache or in ``state``: warm-up runs (outside
+        the capture) are undone on both, so capturing changes nothing.
+        """
+        saved_cache, saved_state = self.cache.snapshot(), [t.clone() for t in state]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            body()
+        self.cache.restore(saved_cache)
+        for dst, src in zip(state, saved_state):
+            dst.copy_(src)
+        return graph
+
     def _capture(self, t: int) -> None:
         """Capture the step for blocks of ``t`` tokens; warm-up runs must not change the cache."""
         static_tokens = torch.zeros(self.batch_size, t, dtype=torch.long, device=self.device)

@@ -185,6 +185,7 @@ class PlainDecoder:
 
     def __init__(self, model, batch_size: int, max_length: int, **session_kwargs):
         self.session = DecodeSession(model, batch_size, max_length, max_block=1, **session_kwargs)
+        self._loop = None  # (key, graph, static tensors, record) of the graphed greedy loop
 
     @torch.inference_mode()
     def generate(
@@ -209,6 +210,8 @@ class PlainDecoder:
         counts = torch.zeros(len(rows), dtype=torch.long, device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         token = sampling.choose(session.prefill(rows), generator)
+        if session.use_graphs and not sampling.do_sample:
+            return self._greedy_graphed(token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every)
         for step in range(max_new_tokens):
             live = ~finished
             tokens[:, step] = torch.where(live, token, pad_token_id)
@@ -220,6 +223,54 @@ class PlainDecoder:
             session.commit((~finished).long())
             token = sampling.choose(logits, generator)
         return GenerationResult(tokens, counts)
+
+    def _greedy_graphed(self, token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every):
+        """Greedy decoding with the per-token bookkeeping inside the graph: the host only replays.
+
+        The same steps as the eager loop (record, mark finished rows, extend, commit, argmax), so
+        the output is the same; what changes is that a token costs one graph launch and no
+        host-side tensor ops, which at batch 1 are otherwise as slow as the model step itself.
+        The graph and its tensors are kept for the next call with the same EOS and pad.
+        """
+        key = (tuple(eos.tolist()), pad_token_id)
+        if self._loop is None or self._loop[0] != key:
+            self._loop = (key, *self._capture_loop(token, counts, finished, eos, pad_token_id))
+        _, graph, state, record = self._loop
+        for dst, src in zip(state, (token, None, counts, finished)):
+            if src is not None:
+                dst.copy_(src)
+        state[1].fill_(pad_token_id)
+        state[-1].zero_()  # the column to write next
+        for step in range(max_new_tokens - 1):
+            graph.replay()
+            if (step + 1) % sync_every == 0 and bool(state[3].all()):
+                break
+        else:
+            record()
+        return GenerationResult(state[1][:, :max_new_tokens].clone(), state[2].clone())
+
+    def _capture_loop(self, token, counts, finished, eos, pad_token_id):
+        session, b = self.session, token.shape[0]
+        token, counts, finished = token.clone(), counts.clone(), finished.clone()
+        # as wide as any call's output can be (the session's length bounds prompt + new tokens)
+        tokens = torch.full((b, session.max_length), pad_token_id, dtype=torch.long, device=session.device)
+        column = torch.zeros(1, 1, dtype=torch.long, device=session.device)
+
+        def record():
+            live = ~finished
+            tokens.scatter_(1, column.expand(b, 1), torch.where(live, token, pad_token_id)[:, None])
+            counts.add_(live.long())
+            finished.logical_or_((token[:, None] == eos[None, :]).any(-1))
+
+        def body():
+            record()
+            logits = session.step(token[:, None])[:, -1]
+            session.cache.commit((~finished).long())
+            token.copy_(logits.argmax(-1))
+            column.add_(1)
+
+        state = [token, tokens, counts, finished, column]
+        return session.capture(body, state), state, record
 
 
 # --- speculative decoding -------------------------------------------------------------------------

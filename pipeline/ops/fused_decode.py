@@ -122,6 +122,77 @@ def _linear_residual_kernel(
     tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# Few rows (plain decoding, a speculative block, small batches): a GEMV per program. Each program
+# loads its BLOCK_N weight rows whole (BLOCK_K >= K) in one go and reuses them for every row, so
+# nothing waits on a chain of K steps; the row loop is unrolled (M is a compile-time constant).
+GEMV_MAX_ROWS = 16
+
+
+@triton.jit
+def _norm_gemv_kernel(
+    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
+    N, K, eps, s_xm, s_wn, s_om,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    dtype = w_ptr.dtype.element_ty
+    w_mask = mask_n[:, None] & mask_k[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    if SWIGLU:
+        w2 = tl.load(w2_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    for m in tl.static_range(M):
+        x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+        xn = ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+        acc = tl.sum(w * xn[None, :], axis=1)
+        if HAS_BIAS:
+            acc += bias
+        if SWIGLU:
+            gate = acc.to(dtype).to(tl.float32)
+            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+            acc = act * tl.sum(w2 * xn[None, :], axis=1).to(dtype).to(tl.float32)
+        tl.store(out_ptr + m * s_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+@triton.jit
+def _gemv_residual_kernel(
+    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
+    N, K, s_am, s_wn, s_rm, s_om,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    dtype = w_ptr.dtype.element_ty
+    w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    w = w.to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    for m in tl.static_range(M):
+        a = tl.load(a_ptr + m * s_am + offs_k, mask=mask_k, other=0.0).to(dtype).to(tl.float32)
+        acc = tl.sum(w * a[None, :], axis=1)
+        if HAS_BIAS:
+            acc += bias
+        res = tl.load(res_ptr + m * s_rm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        out = acc.to(dtype).to(tl.float32) + res
+        tl.store(out_ptr + m * s_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K): all of K per program, about 8k weights per program (64 per thread)."""
+    block_k = triton.next_power_of_2(k)
+    return max(1, min(triton.next_power_of_2(n), 8192 // block_k)), block_k
+
+
 def _block_n(n: int) -> int:
     return 16 if n <= 4096 else 64
 
@@ -132,6 +203,14 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
+    if m <= GEMV_MAX_ROWS:
+        block_n, block_k = _gemv_blocks(n, k)
+        _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
+            x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
+            out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
+            M=m, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+        return out
     block_n = _block_n(n)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M))
     _norm_linear_kernel[grid](
@@ -148,6 +227,14 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     m, k = a.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=residual.dtype)
+    if m <= GEMV_MAX_ROWS:
+        block_n, block_k = _gemv_blocks(n, k)
+        _gemv_residual_kernel[(triton.cdiv(n, block_n),)](
+            a, weight, bias if bias is not None else weight, residual, out,
+            n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
+            M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+        )
+        return out
     block_n = _block_n(n)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, BLOCK_M))
     _linear_residual_kernel[grid](
@@ -188,14 +275,14 @@ def _mamba2_mixer_kernel(
     proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, lengths_ptr, replay_ptr,
     state_ptr, hx_ptr, hdt_ptr, hb_ptr,
     a_log_ptr, dt_bias_ptr, d_ptr, norm_w_ptr, y_ptr,
-    T, H, HEADS_PER_GROUP, D_INNER, D_XB, W, eps,
+    H, HEADS_PER_GROUP, D_INNER, D_XB, W, eps,
     s_pm, s_wb, s_wc,
     s_sb, s_sh, s_sp,
     s_hxb, s_hxt, s_hxh,
     s_hdb, s_hdt,
     s_hbb, s_hbt, s_hbh,
     s_ym,
-    P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+    T: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -229,7 +316,7 @@ def _mamba2_mixer_kernel(
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
     d_skip = tl.load(d_ptr + h).to(tl.float32)
     norm_w = tl.load(norm_w_ptr + h * P + offs_p).to(tl.float32)
-    for t in range(0, T):
+    for t in tl.static_range(T):
         row = row0 + t
         x = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cx, D_INNER + cx, b, row0, t, pos0, W,
                        s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
@@ -275,14 +362,14 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         proj, window, conv_w, mixer.conv1d.bias if mixer.conv1d.bias is not None else conv_w, lengths, replay,
         state, hx, hdt, hb,
         mixer.A_log, mixer.dt_bias, mixer.D, mixer.norm.weight, y,
-        tokens, h, h // mixer.num_kv_heads, mixer.d_inner, mixer.d_xb, window.shape[-1], mixer.norm.eps,
+        h, h // mixer.num_kv_heads, mixer.d_inner, mixer.d_xb, window.shape[-1], mixer.norm.eps,
         proj.stride(0), window.stride(0), window.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
         hx.stride(0), hx.stride(1), hx.stride(2),
         hdt.stride(0), hdt.stride(1),
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
-        P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+        T=tokens, P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
     )
     return y
 
@@ -305,9 +392,9 @@ def _rotate(ptr, offs_d, pos, inv_freq, rope_scale, dtype, D: tl.constexpr):
 @triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    T, KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
+    KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
+    T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -324,7 +411,7 @@ def _attention_kernel(
     cache_base = b * s_cb + kvh * s_ch
 
     # the block's keys (rotated) and values go into the cache slots of this split
-    for t in range(0, T):
+    for t in tl.static_range(T):
         pos = pos0 + t
         mine = (pos >= lo) & (pos < hi)
         row_ptr = qkv_ptr + (b * T + t) * s_qm
@@ -406,8 +493,12 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
     tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(max_length: int, split_len: int = 512) -> tuple[int, int]:
-    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 1k keys."""
+def attention_splits(max_length: int, split_len: int = 256) -> tuple[int, int]:
+    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 512 keys.
+
+    A program walks its split serially, so long splits are latency; more splits cost one more
+    (small) launch to merge them.
+    """
     if max_length <= 2 * split_len:
         return 1, max_length
     splits = min(64, triton.cdiv(max_length, split_len))
@@ -435,10 +526,10 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     block_r = max(16, triton.next_power_of_2(rep * tokens))
     _attention_kernel[(batch * kv_heads, n_splits)](
         qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
-        tokens, kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
+        kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
+        T=tokens, D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
         PRECISION=_precision(keys.dtype),
     )
     if n_splits > 1:

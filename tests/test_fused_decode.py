@@ -1,0 +1,146 @@
+"""The fused Triton decoding step (``kernels="fused"``) against the reference step, on CPU.
+
+Checked: logits at every block and the caches after ragged commits (KV slots, SSM states, conv
+states) for all-attention and Mamba2 hybrids; Qwen2 biases and a Mistral sliding window; the
+split-key (flash-decoding) path of long contexts; greedy plain and speculative generation token
+for token; and the clear errors for what the fused step cannot run.
+
+The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py when there
+is no GPU), so everything is float32: the interpreter's bf16 ``tl.dot`` is wrong. The interpreter
+is slow (about a second per step of these 2–4 layer models), so models, prompts and blocks are tiny.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from pipeline.decoding.graphs import DecodeSession  # noqa: E402
+from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
+from pipeline.errors import PipelineError  # noqa: E402
+from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
+from tests.test_model import tiny_teacher  # noqa: E402
+from tests.test_speculative import prompts, teacher  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared CPU: extra threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hybrid(source, ratio, mixer="mamba2"):
+    """``ratio`` of ``source``'s layers as Mamba (0 → all attention), float32, eval mode."""
+    n = source.config.num_hidden_layers
+    layers = attention_layers_for_ratio(n, ratio) if ratio else range(n)
+    return build_hybrid(source, layers, mixer_type=mixer, seed=0, mamba_chunk_size=8).eval()
+
+
+def ragged_rows(lengths, seed=1):
+    return [prompts(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
+
+
+def sessions(model, batch, max_length, max_block):
+    return (DecodeSession(model, batch, max_length, max_block=max_block, kernels="reference"),
+            DecodeSession(model, batch, max_length, max_block=max_block, kernels="fused"))
+
+
+def run_blocks(ref, fused, rows, blocks):
+    """Prefill, then each (block, keep) on both sessions; the largest logit difference at each step."""
+    diffs = [(ref.prefill(rows) - fused.prefill(rows)).abs().max().item()]
+    for block, keep in blocks:
+        diffs.append((ref.extend(block) - fused.extend(block)).abs().max().item())
+        ref.commit(keep)
+        fused.commit(keep)
+    return diffs
+
+
+def block_plan(batch, sizes_and_keeps, seed=9):
+    return [(prompts(batch, size, seed=seed + j), torch.tensor(keep)) for j, (size, keep) in enumerate(sizes_and_keeps)]
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_fused_step_equals_reference_logits_and_caches(ratio):
+    """Ragged commits (keeps 0 … T): same logits at every step, same KV, SSM and conv states after."""
+    model = hybrid(teacher(0, num_hidden_layers=4), ratio)
+    ref, fused = sessions(model, 3, 32, max_block=5)
+    plan = block_plan(3, [(5, [0, 2, 5]), (2, [1, 2, 1]), (1, [1, 1, 1])])
+    with torch.no_grad():
+        diffs = run_blocks(ref, fused, ragged_rows([6, 9, 4]), plan)
+        ref.settle()
+        fused.settle()
+    assert max(diffs) < 1e-4, diffs
+    assert torch.equal(ref.lengths, fused.lengths)
+    assert ref.lengths.tolist() == [6 + 0 + 1 + 1, 9 + 2 + 2 + 1, 4 + 5 + 1 + 1]
+    a, b = ref.cache, fused.cache
+    for r, n in enumerate(ref.lengths.tolist()):
+        for i in model.config.attention_layers:
+            assert _rel(b.keys[i][r, :, :n], a.keys[i][r, :, :n]) < 1e-5, (i, r)
+            assert _rel(b.values[i][r, :, :n], a.values[i][r, :, :n]) < 1e-5, (i, r)
+    for i in model.config.mamba_layers:
+        assert _rel(b.ssm_states[i], a.ssm_states[i]) < 1e-5, i
+        assert _rel(b.conv_state(i), a.conv_state(i)) < 1e-5, i
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("mistral", {"sliding_window": 4})],
+                         ids=["qwen2-qkv-bias", "mistral-window-4"])
+def test_fused_step_on_other_teacher_families(family, overrides):
+    """Qwen2 q/k/v biases and a Mistral sliding window (4 < prompt length): fused logits = reference."""
+    source = tiny_teacher(family, num_hidden_layers=2, **overrides)
+    model = hybrid(source, 0.5)
+    if family == "qwen2":
+        assert model.model.layers[model.config.attention_layers[0]].self_attn.q_proj.bias is not None
+    else:
+        assert model.config.sliding_window == 4
+    ref, fused = sessions(model, 2, 32, max_block=3)
+    with torch.no_grad():
+        diffs = run_blocks(ref, fused, ragged_rows([9, 7]), block_plan(2, [(3, [2, 3]), (3, [3, 1])]))
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_fused_attention_over_several_key_splits():
+    """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference."""
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    ref, fused = sessions(model, 3, 48, max_block=4)
+    assert fused.cache.max_length == 48
+    fused._step.splits = (3, 16)  # what attention_splits gives above 1024 slots, scaled down
+    n_splits, split_len = fused._step.splits
+    assert n_splits > 1 and n_splits * split_len >= fused.cache.max_length
+    plan = block_plan(3, [(4, [4, 1, 3]), (4, [2, 4, 4]), (1, [1, 1, 1])])
+    with torch.no_grad():  # rows start below, inside and above the 16-slot boundaries and cross them
+        diffs = run_blocks(ref, fused, ragged_rows([13, 30, 20]), plan)
+    assert max(diffs) < 1e-4, diffs
+    assert fused.lengths.tolist() == [13 + 4 + 2 + 1, 30 + 1 + 4 + 1, 20 + 3 + 4 + 1]
+
+
+def test_fused_greedy_generation_equals_reference():
+    """Plain and speculative (draft = target, K = 3) greedy generation: same tokens, acceptance 1."""
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    ids = prompts(batch=2, length=6)
+    expected = generate(model, ids, max_new_tokens=8, kernels="reference").tokens
+    assert torch.equal(generate(model, ids, max_new_tokens=8, kernels="fused").tokens, expected)
+    spec = speculative_generate(model, model, ids, k=3, max_new_tokens=8, kernels="fused")
+    assert torch.equal(spec.tokens, expected)
+    assert spec.stats.acceptance_rate == 1.0
+
+
+def test_fused_bad_input(monkeypatch):
+    """Mamba1 mixers, CPU without the interpreter and torch.compile are refused at session creation."""
+    source = teacher(0, num_hidden_layers=2)
+    with pytest.raises(PipelineError, match="mamba1"):
+        DecodeSession(hybrid(source, 0.5, mixer="mamba1"), 1, 16, kernels="fused")
+    model = hybrid(source, 0.5)
+    with pytest.raises(PipelineError, match="compile"):
+        DecodeSession(model, 1, 16, kernels="fused", compile_mode="default")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(PipelineError, match="CUDA"):
+        DecodeSession(model, 1, 16, kernels="fused")
