@@ -75,7 +75,9 @@ def main() -> int:
     graphs = args.device == "cuda"
     teacher = smollm2_like(args.layers, args.device, args.quick)
     models = {"teacher": teacher,
-              "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()}
+              "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval(),
+              # kernel-level: one attention and one Mamba2 layer, before errors compound over depth
+              "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval()}
     gen = torch.Generator().manual_seed(1)
     lengths = (9, 40) if args.quick else (40, 700)
     prompts = [torch.randint(1, teacher.config.vocab_size, (n,), generator=gen).to(args.device) for n in lengths]

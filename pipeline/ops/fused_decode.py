@@ -282,7 +282,8 @@ def _mamba2_mixer_kernel(
     s_hdb, s_hdt,
     s_hbb, s_hbt, s_hbh,
     s_ym,
-    T: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+    T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     b = pid // H
@@ -304,11 +305,13 @@ def _mamba2_mixer_kernel(
     state_ptrs = state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :]
     state = tl.load(state_ptrs)
     a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
-    for k in range(0, n_replay):
-        x = tl.load(hx_ptr + b * s_hxb + k * s_hxt + h * s_hxh + offs_p).to(tl.float32)
-        dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + h)
-        bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n).to(tl.float32)
-        state = tl.exp(dt * a) * state + (dt * x)[:, None] * bv[None, :]
+    for k in tl.static_range(SLOTS):  # unrolled over the history slots, so all loads issue at once
+        live = k < n_replay
+        x = tl.load(hx_ptr + b * s_hxb + k * s_hxt + h * s_hxh + offs_p, mask=(offs_p >= 0) & live, other=0.0)
+        dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + h, mask=live, other=0.0)
+        bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n, mask=(offs_n >= 0) & live, other=0.0)
+        stepped = tl.exp(dt * a) * state + (dt * x.to(tl.float32))[:, None] * bv.to(tl.float32)[None, :]
+        state = tl.where(live, stepped, state)
     tl.store(state_ptrs, state)
     tl.debug_barrier()  # the history slots just read are overwritten below
 
@@ -369,7 +372,7 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         hdt.stride(0), hdt.stride(1),
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
-        T=tokens, P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+        T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
     )
     return y
 
@@ -493,8 +496,8 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
     tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(max_length: int, split_len: int = 256) -> tuple[int, int]:
-    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 512 keys.
+def attention_splits(max_length: int, split_len: int = 128) -> tuple[int, int]:
+    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 256 keys.
 
     A program walks its split serially, so long splits are latency; more splits cost one more
     (small) launch to merge them.
