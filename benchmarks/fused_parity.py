@@ -82,6 +82,20 @@ def main() -> int:
     lengths = (9, 40) if args.quick else (40, 700)
     prompts = [torch.randint(1, teacher.config.vocab_size, (n,), generator=gen).to(args.device) for n in lengths]
     rows, failed = [], False
+
+    def show(row):
+        if "error" in row:
+            print(f"{row['case']:<20} ERROR {row['error']}", flush=True)
+        elif "float32" in row:
+            print(f"{row['case']:<20} logits rel err fp32 {row['float32']:.1e} (bar 1e-3), bf16 {row['bfloat16']:.1e} (bar 1e-2); "
+                  f"vs the fp32 reference: bf16 reference {row['bf16 ref vs fp32']:.1e}, bf16 fused {row['bf16 fused vs fp32']:.1e}  "
+                  f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
+        else:
+            print(f"{row['case']:<20} mismatched tokens: plain fused vs reference {row['plain fused vs reference']}, "
+                  f"speculative vs plain {row['spec fused vs plain fused']}; self-acceptance {row['self acceptance']:.2f}  "
+                  f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
+
+    print(f"fused decoding step vs reference ({args.device}, {args.layers} layers)", flush=True)
     for name, model in models.items():
         try:
             ref32 = block_logits(model, prompts, "reference", False)
@@ -99,6 +113,7 @@ def main() -> int:
             model.to(torch.float32)
             row["ok"] = row["float32"] <= TOLERANCE[torch.float32] and row["bfloat16"] <= TOLERANCE[torch.bfloat16]
             rows.append(row)
+            show(row)
 
             ids = torch.stack([p[:9] for p in prompts])
             expected = generate(model, ids, max_new_tokens=48, cuda_graphs=False).tokens
@@ -109,23 +124,13 @@ def main() -> int:
                    "self acceptance": spec.stats.acceptance_rate}
             row["ok"] = row["plain fused vs reference"] == 0 and row["spec fused vs plain fused"] == 0 and row["self acceptance"] == 1.0
             rows.append(row)
+            show(row)
         except Exception as exc:  # noqa: BLE001 — report and go on
             traceback.print_exc()
             rows.append({"case": name, "error": f"{type(exc).__name__}: {exc}", "ok": False})
+            show(rows[-1])
         failed |= not rows[-1]["ok"]
 
-    print(f"\nfused decoding step vs reference ({args.device}, {args.layers} layers)")
-    for row in rows:
-        if "error" in row:
-            print(f"{row['case']:<20} ERROR {row['error']}")
-        elif "float32" in row:
-            print(f"{row['case']:<20} logits rel err fp32 {row['float32']:.1e} (bar 1e-3), bf16 {row['bfloat16']:.1e} (bar 1e-2); "
-                  f"vs the fp32 reference: bf16 reference {row['bf16 ref vs fp32']:.1e}, bf16 fused {row['bf16 fused vs fp32']:.1e}  "
-                  f"{'ok' if row['ok'] else 'FAIL'}")
-        else:
-            print(f"{row['case']:<20} mismatched tokens: plain fused vs reference {row['plain fused vs reference']}, "
-                  f"speculative vs plain {row['spec fused vs plain fused']}; self-acceptance {row['self acceptance']:.2f}  "
-                  f"{'ok' if row['ok'] else 'FAIL'}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -27,6 +27,8 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests check it against th
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -185,6 +187,12 @@ def _gemv_residual_kernel(
         res = tl.load(res_ptr + m * s_rm + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         out = acc.to(dtype).to(tl.float32) + res
         tl.store(out_ptr + m * s_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
+
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU, pick the warp count per shape once (pure kernels)
+    _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+    _norm_gemv_kernel = triton.autotune(_WARPS, key=["N", "K", "M", "SWIGLU"])(_norm_gemv_kernel)
+    _gemv_residual_kernel = triton.autotune(_WARPS, key=["N", "K", "M"])(_gemv_residual_kernel)
 
 
 def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
