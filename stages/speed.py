@@ -16,7 +16,7 @@ params.yaml::
       dtype: bfloat16
       cuda_graphs: true
       compile_mode: null           # or max-autotune-no-cudagraphs
-      kernels: triton              # Mamba verification: triton (fused replay kernel) or reference
+      kernels: triton              # decoding step: triton (fused replay kernel), fused (whole step) or reference
       cpu:                         # overrides when no GPU: tiny settings so the pipeline still runs
         k: [1, 2]
         prompt_lengths: [48]       # chat: longer than the template (SmolLM2's takes 30 tokens)
