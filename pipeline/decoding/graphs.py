@@ -157,12 +157,15 @@ class DecodeSession:
         """The block step itself, never through a graph: for callers capturing a larger loop body."""
         return self._step(tokens)
 
-    def capture(self, body, state: list[torch.Tensor]) -> torch.cuda.CUDAGraph:
+    def capture(self, body, state: list[torch.Tensor]):
         """A CUDA graph of ``body()``, a closure over static tensors that calls :meth:`step`.
 
         Whatever ``body`` changes must be in the cache or in ``state``: warm-up runs (outside
-        the capture) are undone on both, so capturing changes nothing.
+        the capture) are undone on both, so capturing changes nothing. Without CUDA graphs the
+        returned object's ``replay()`` runs ``body`` eagerly: the same code on every device.
         """
+        if not self.use_graphs:
+            return _EagerGraph(body)
         saved_cache, saved_state = self.cache.snapshot(), [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -198,3 +201,10 @@ class DecodeSession:
         self.cache.restore(saved)
         self._graphs[t] = (graph, static_tokens, static_logits)
         log.info("captured a CUDA graph for blocks of %d token(s), batch %d", t, self.batch_size)
+
+
+class _EagerGraph:
+    """Stands in for a captured graph where there are no CUDA graphs: ``replay()`` runs the body."""
+
+    def __init__(self, body):
+        self.replay = body

@@ -200,7 +200,10 @@ class PlainDecoder:
         generator: torch.Generator | None = None,
         sync_every: int = 16,
     ) -> GenerationResult:
-        """Finished rows stop moving (commit 0) but stay in the batch; the host checks every ``sync_every`` steps."""
+        """Finished rows stop moving (commit 0) but stay in the batch; the host checks every ``sync_every`` steps.
+
+        Greedy decoding runs :meth:`_greedy_graphed`; the loop below is the sampling path.
+        """
         session = self.session
         rows = prompt_rows(input_ids, attention_mask)
         _check_lengths(rows, max_new_tokens, session, margin=2)
@@ -210,7 +213,7 @@ class PlainDecoder:
         counts = torch.zeros(len(rows), dtype=torch.long, device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         token = sampling.choose(session.prefill(rows), generator)
-        if session.use_graphs and not sampling.do_sample:
+        if not sampling.do_sample:
             return self._greedy_graphed(token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every)
         for step in range(max_new_tokens):
             live = ~finished
@@ -227,9 +230,10 @@ class PlainDecoder:
     def _greedy_graphed(self, token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every):
         """Greedy decoding with the per-token bookkeeping inside the graph: the host only replays.
 
-        The same steps as the eager loop (record, mark finished rows, extend, commit, argmax), so
-        the output is the same; what changes is that a token costs one graph launch and no
-        host-side tensor ops, which at batch 1 are otherwise as slow as the model step itself.
+        The same steps as the sampling loop (record, mark finished rows, extend, commit, choose);
+        on a GPU a token costs one graph launch and no host-side tensor ops, which at batch 1 are
+        otherwise as slow as the model step itself. Without CUDA graphs the body runs eagerly,
+        so CPU tests check exactly this code.
         The graph and its tensors are kept for the next call with the same EOS and pad.
         """
         key = (tuple(eos.tolist()), pad_token_id)
