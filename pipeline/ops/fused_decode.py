@@ -33,6 +33,18 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # grid dependency control (Hopper+): Triton >= 3.4
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # pragma: no cover - older Triton
+    gdc_launch_dependents = gdc_wait = None
+
+# Programmatic dependent launch, opt-in (PIPELINE_FUSED_PDL=1; CUDA graphs keep it): each GEMV,
+# mixer and attention kernel may start while the one before it finishes, loads its weights, and
+# waits (gdc_wait) only before reading activations. Before the wait a kernel reads nothing that
+# any kernel writes. Not yet measured on a GPU, hence off by default.
+PDL = (os.environ.get("PIPELINE_FUSED_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+       and gdc_wait is not None)
+
 BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
 BLOCK_K = 64
 
@@ -135,7 +147,10 @@ def _norm_gemv_kernel(
     x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
     N, K, eps, s_xm, s_wn, s_om,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -149,6 +164,8 @@ def _norm_gemv_kernel(
     nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # weights are in registers; the activations come from the kernel before
     for m in tl.static_range(M):
         x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
@@ -167,8 +184,10 @@ def _norm_gemv_kernel(
 def _gemv_residual_kernel(
     a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     N, K, s_am, s_wn, s_rm, s_om,
-    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -179,6 +198,8 @@ def _gemv_residual_kernel(
     w = w.to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()
     for m in tl.static_range(M):
         a = tl.load(a_ptr + m * s_am + offs_k, mask=mask_k, other=0.0).to(dtype).to(tl.float32)
         acc = tl.sum(w * a[None, :], axis=1)
@@ -217,6 +238,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
             out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
             M=m, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            USE_PDL=PDL, launch_pdl=PDL,
         )
         return out
     block_n = _block_n(n)
@@ -240,7 +262,7 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         _gemv_residual_kernel[(triton.cdiv(n, block_n),)](
             a, weight, bias if bias is not None else weight, residual, out,
             n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
-            M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=PDL, launch_pdl=PDL,
         )
         return out
     block_n = _block_n(n)
@@ -291,8 +313,10 @@ def _mamba2_mixer_kernel(
     s_hbb, s_hbt, s_hbh,
     s_ym,
     T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr,
+    HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     b = pid // H
     h = pid % H
@@ -305,6 +329,12 @@ def _mamba2_mixer_kernel(
     cx = g * P + offs_p
     cb = D_XB + g * N + offs_n
     cc = 2 * D_XB + h * N + offs_n
+    a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
+    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
+    d_skip = tl.load(d_ptr + h).to(tl.float32)
+    norm_w = tl.load(norm_w_ptr + h * P + offs_p).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # parameters above; the cache and the in-proj output below
     pos0 = tl.load(lengths_ptr + b)
     n_replay = tl.load(replay_ptr + b)
     row0 = b * T
@@ -312,7 +342,6 @@ def _mamba2_mixer_kernel(
     # 1. replay the accepted steps of the last block from the verified state; store the result
     state_ptrs = state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :]
     state = tl.load(state_ptrs)
-    a = -tl.exp(tl.load(a_log_ptr + h).to(tl.float32))
     for k in tl.static_range(SLOTS):  # unrolled over the history slots, so all loads issue at once
         live = k < n_replay
         x = tl.load(hx_ptr + b * s_hxb + k * s_hxt + h * s_hxh + offs_p, mask=(offs_p >= 0) & live, other=0.0)
@@ -324,9 +353,6 @@ def _mamba2_mixer_kernel(
     tl.debug_barrier()  # the history slots just read are overwritten below
 
     # 2. the block: conv, scan from the replayed state, gated norm; its inputs become the history
-    dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
-    d_skip = tl.load(d_ptr + h).to(tl.float32)
-    norm_w = tl.load(norm_w_ptr + h * P + offs_p).to(tl.float32)
     for t in tl.static_range(T):
         row = row0 + t
         x = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cx, D_INNER + cx, b, row0, t, pos0, W,
@@ -381,6 +407,7 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
         T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+        USE_PDL=PDL, launch_pdl=PDL,
     )
     return y
 
@@ -406,8 +433,10 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    if USE_PDL:
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     split = tl.program_id(1)
     b = pid // KV_HEADS
@@ -416,6 +445,8 @@ def _attention_kernel(
     offs_d = tl.arange(0, D)
     dtype = k_cache_ptr.dtype.element_ty
     inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2)).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()
     pos0 = tl.load(lengths_ptr + b)
     lo = split * SPLIT_LEN
     hi = lo + SPLIT_LEN
@@ -487,7 +518,10 @@ def _attention_kernel(
 @triton.jit
 def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
                               s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om,
-                              D: tl.constexpr, BLOCK_S: tl.constexpr):
+                              D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     pid = tl.program_id(0)
     row = pid // HQ
     head = pid % HQ
@@ -541,12 +575,12 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
-        PRECISION=_precision(keys.dtype),
+        PRECISION=_precision(keys.dtype), USE_PDL=PDL, launch_pdl=PDL,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
             part_acc, part_ml, out, num_heads, n_splits,
             part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
-            D=d, BLOCK_S=triton.next_power_of_2(n_splits),
+            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=PDL, launch_pdl=PDL,
         )
     return out
