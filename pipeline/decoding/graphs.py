@@ -157,16 +157,20 @@ class DecodeSession:
         """The block step itself, never through a graph: for callers capturing a larger loop body."""
         return self._step(tokens)
 
-    def capture(self, body, state: list[torch.Tensor]):
+    def capture(self, body, state: list[torch.Tensor], also: list["DecodeSession"] = ()):
         """A CUDA graph of ``body()``, a closure over static tensors that calls :meth:`step`.
 
         Whatever ``body`` changes must be in the cache or in ``state``: warm-up runs (outside
-        the capture) are undone on both, so capturing changes nothing. Without CUDA graphs the
-        returned object's ``replay()`` runs ``body`` eagerly: the same code on every device.
+        the capture) are undone on both, so capturing changes nothing; ``also`` names other
+        sessions the body steps (a speculative round's draft), whose caches are restored too.
+        Without CUDA graphs the returned object's ``replay()`` runs ``body`` eagerly: the same
+        code on every device.
         """
         if not self.use_graphs:
             return _EagerGraph(body)
-        saved_cache, saved_state = self.cache.snapshot(), [t.clone() for t in state]
+        sessions = [self, *also]
+        saved_caches = [session.cache.snapshot() for session in sessions]
+        saved_state = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -178,7 +182,8 @@ class DecodeSession:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             body()
-        self.cache.restore(saved_cache)
+        for session, saved in zip(sessions, saved_caches):
+            session.cache.restore(saved)
         for dst, src in zip(state, saved_state):
             dst.copy_(src)
         return graph

@@ -316,6 +316,7 @@ class SpeculativeDecoder:
         self.k = k
         self.target = DecodeSession(target, batch_size, max_length, max_block=k + 1, **session_kwargs)
         self.draft = DecodeSession(draft, batch_size, max_length, max_block=k + 1, **session_kwargs)
+        self._rounds = None  # (key, graph, static tensors) of the greedy round
 
     @torch.inference_mode()
     def generate(
@@ -338,6 +339,8 @@ class SpeculativeDecoder:
 
         last = sampling.choose(target.prefill(rows), generator)  # the target's first token
         draft.prefill(rows)
+        if not sampling.do_sample:
+            return self._greedy_rounds(last, max_new_tokens, eos_token_id, pad_token_id)
         for r, tok in enumerate(last.tolist()):
             book.emit(r, [tok])
         pending, pending_len = last[:, None], torch.ones(b, dtype=torch.long, device=device)
@@ -367,6 +370,97 @@ class SpeculativeDecoder:
             tokens[r, : len(out)] = torch.tensor(out, dtype=torch.long)
         counts = torch.tensor([len(out) for out in book.out])
         return GenerationResult(tokens.to(device), counts.to(device), stats)
+
+    # --- greedy: whole rounds on the device ----------------------------------------------------------
+    def _greedy_rounds(self, last, max_new_tokens, eos_token_id, pad_token_id, sync_every: int = 4) -> GenerationResult:
+        """Greedy rounds with all bookkeeping on the device: one graph launch per round on a GPU.
+
+        A round is what the sampling loop does — the draft catches up on the pending tokens and
+        proposes K, the target verifies them, both commit — plus emitting the accepted tokens
+        into an output buffer, cut at EOS or ``max_new_tokens``, so the host never reads a token.
+        It checks whether every row is done only every ``sync_every`` rounds. Without CUDA graphs
+        the same body runs eagerly (the CPU tests check this code).
+        """
+        key = (tuple(sorted(_id_set(eos_token_id))) or (-1,), max_new_tokens)
+        if self._rounds is None or self._rounds[0] != key:
+            self._rounds = (key, *self._capture_rounds(last, key[0], max_new_tokens))
+        _, graph, state = self._rounds
+        eos = torch.tensor(key[0], device=last.device)
+        state["last"].copy_(last)
+        state["pending"].zero_()
+        state["pending"][:, 0] = last
+        state["pending_len"].fill_(1)
+        state["out"].zero_()
+        state["out"][:, 0] = last
+        state["count"].fill_(1)
+        state["done"].copy_((last[:, None] == eos[None, :]).any(-1) | (max_new_tokens <= 1))
+        for name in ("rounds", "row_rounds", "accepted"):
+            state[name].zero_()
+        while not bool(state["done"].all()):
+            for _ in range(sync_every):
+                graph.replay()
+        count = state["count"].clamp(max=max_new_tokens)
+        slots = torch.arange(max_new_tokens, device=last.device)
+        tokens = torch.where(slots[None, :] < count[:, None], state["out"][:, :max_new_tokens], pad_token_id)
+        row_rounds, accepted = int(state["row_rounds"].sum()), int(state["accepted"].sum())
+        stats = SpeculativeStats(rounds=int(state["rounds"]), row_rounds=row_rounds, drafted=row_rounds * self.k,
+                                 accepted=accepted)
+        return GenerationResult(tokens, count, stats)
+
+    def _capture_rounds(self, last, eos_ids, max_new_tokens):
+        k, target, draft = self.k, self.target, self.draft
+        b, device = last.shape[0], last.device
+        eos = torch.tensor(eos_ids, device=device)
+        slots = torch.arange(k + 1, device=device)
+        state = {
+            "last": last.clone(), "pending": torch.zeros(b, k + 1, dtype=torch.long, device=device),
+            "pending_len": torch.ones(b, dtype=torch.long, device=device),
+            "out": torch.zeros(b, max_new_tokens + k + 1, dtype=torch.long, device=device),
+            "count": torch.ones(b, dtype=torch.long, device=device), "done": torch.zeros(b, dtype=torch.bool, device=device),
+            "rounds": torch.zeros((), dtype=torch.long, device=device),
+            "row_rounds": torch.zeros(b, dtype=torch.long, device=device),
+            "accepted": torch.zeros(b, dtype=torch.long, device=device),
+        }
+        st = state
+        draft.snapshot()  # allocate the snapshot slot outside the capture
+
+        def body():
+            active = ~st["done"]
+            # the draft reads the pending tokens, proposes K, and returns to the state after them
+            logits = draft.step(st["pending"])
+            logits = logits.gather(1, (st["pending_len"] - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
+            draft.cache.commit(torch.where(active, st["pending_len"], 0))
+            draft.snapshot()
+            proposals = []
+            for i in range(k):
+                proposals.append(logits.argmax(-1))
+                if i + 1 < k:
+                    logits = draft.step(proposals[-1][:, None])[:, 0]
+                    draft.cache.commit(torch.ones_like(st["pending_len"]))
+            draft.restore()
+            drafts = torch.stack(proposals, dim=1)
+            # the target verifies; it keeps the accepted drafts and its own next token
+            best = target.step(torch.cat([st["last"][:, None], drafts], dim=1)).argmax(-1)
+            accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)
+            nxt = best.gather(1, accepted[:, None]).squeeze(1)
+            target.cache.commit(torch.where(active, accepted + 1, 0))
+            # emit accepted drafts + the next token, cut after an EOS and at max_new_tokens
+            emitted = torch.where(slots < accepted[:, None], torch.cat([drafts, nxt[:, None]], dim=1), nxt[:, None])
+            is_eos = (emitted[..., None] == eos).any(-1) & (slots <= accepted[:, None])
+            n_emit = torch.minimum(accepted + 1, torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, k + 1))
+            n_emit = torch.where(active, torch.minimum(n_emit, max_new_tokens - st["count"]), 0)
+            st["out"].scatter_(1, st["count"][:, None] + slots, emitted)  # past count + n_emit: overwritten later
+            st["rounds"].add_(active.any().long())
+            st["row_rounds"].add_(active.long())
+            st["accepted"].add_(torch.where(active, accepted, 0))
+            st["done"].logical_or_(active & ((is_eos & (slots < n_emit[:, None])).any(1) | (st["count"] + n_emit >= max_new_tokens)))
+            st["count"].add_(n_emit)
+            st["pending"].copy_(torch.where(slots < accepted[:, None], torch.cat([drafts, nxt[:, None]], dim=1), nxt[:, None]))
+            st["pending_len"].copy_(accepted + 1)
+            st["last"].copy_(nxt)
+
+        graph = target.capture(body, list(state.values()), also=[draft])
+        return graph, state
 
     def _propose(self, pending, pending_len, active, sampling, generator):
         """K draft tokens (b, K) and, when sampling, their distributions (b, K, V).
