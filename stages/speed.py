@@ -16,7 +16,7 @@ params.yaml::
       dtype: bfloat16
       cuda_graphs: true
       compile_mode: null           # or max-autotune-no-cudagraphs
-      kernels: triton              # decoding step: triton (fused replay kernel), fused (whole step) or reference
+      kernels: fused               # decoding step on GPU: fused (whole step; Mamba2 hybrids and teachers, else triton), triton or reference
       cpu:                         # overrides when no GPU: tiny settings so the pipeline still runs
         k: [1, 2]
         prompt_lengths: [48]       # chat: longer than the template (SmolLM2's takes 30 tokens)
@@ -31,12 +31,15 @@ Writes ``reports/metrics/speed_<model>.json`` (hardware, every setting, a headli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import torch
 
 from pipeline.decoding.speed import PROMPT_FORMATS, SpeedSettings, chat_frame, hardware, headline, plot, speed_table
+from pipeline.decoding.fused_step import unsupported_reason
+from pipeline.decoding.graphs import as_hybrid
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
 from pipeline.stage import StageContext, run_stage
@@ -65,7 +68,7 @@ def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, st
         repeats=int(merged.get("repeats", 3)),
         cuda_graphs=bool(merged.get("cuda_graphs", True)) if on_gpu else False,
         compile_mode=merged.get("compile_mode") if on_gpu else None,
-        kernels=str(merged.get("kernels", "triton")) if on_gpu else "reference",
+        kernels=str(merged.get("kernels", "fused")) if on_gpu else "reference",
     )
     if not settings.prompt_lengths or min(settings.prompt_lengths) < 1:
         raise PipelineError(f"prompt_lengths = {settings.prompt_lengths} must list lengths >= 1", where=f"{where}.prompt_lengths",
@@ -133,6 +136,11 @@ def main(ctx: StageContext) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[dtype]).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
     texts = prompt_texts(Path(ctx.cfg.get("prompts_file", "data/prompts/prompts.jsonl")))
+    if settings.kernels == "fused":
+        reason = next(filter(None, (unsupported_reason(as_hybrid(m)) for m in (target, draft))), None)
+        if reason is not None:
+            print(f"speed@{ctx.key}: the fused decoding step does not support {reason}; timing with kernels=triton")
+            settings = dataclasses.replace(settings, kernels="triton")
 
     results = speed_table(target, draft, settings, tokenizer=tokenizer, texts=texts,
                           log=lambda line: print(f"speed@{ctx.key}: {line}"))
@@ -143,6 +151,7 @@ def main(ctx: StageContext) -> None:
         hardware=hardware(),
         tiny_cpu_settings=not on_gpu,
         dtype=dtype,
+        kernels=settings.kernels,
         settings=settings.__dict__,
         **headline(results),
     )
@@ -151,7 +160,8 @@ def main(ctx: StageContext) -> None:
     atomic_write_json(metrics_path, results)
     plot(results, f"speed@{ctx.key} ({results['hardware'].get('gpu', 'CPU')})", plot_path)
 
-    ctx.set_tags({"speed.hardware": results["hardware"].get("gpu", "cpu"), "speed.tiny_cpu_settings": str(not on_gpu)})
+    ctx.set_tags({"speed.hardware": results["hardware"].get("gpu", "cpu"), "speed.tiny_cpu_settings": str(not on_gpu),
+                  "speed.kernels": settings.kernels})
     flat = {f"speed.{kind}.{key}.{name}": float(value)
             for kind in ("plain", "speculative") for key, row in results[kind].items() for name, value in row.items()}
     flat.update({f"speed.{name}": float(v) for name, v in headline(results).items()})
