@@ -231,6 +231,23 @@ def test_graph_session_eager_path_equals_plain_generate():
         DecodeSession(teacher(0), 1, 16, cuda_graphs=True)
 
 
+def test_reused_decoders_match_fresh_calls_across_lengths_and_eos():
+    """The kept greedy loop and round reset between calls that change max_new_tokens and EOS."""
+    model, draft = hybrid(0.5), teacher(2, num_hidden_layers=2)
+    ids = prompts(batch=2, length=6)
+    plain = PlainDecoder(model, batch_size=2, max_length=40)
+    spec = SpeculativeDecoder(model, draft, 3, batch_size=2, max_length=48)
+    expected = generate(model, ids, max_new_tokens=12).tokens
+    eos = int(expected[0, 4])  # a token the first row emits mid-way
+    for n, stop in ((12, None), (1, None), (7, eos), (12, None), (12, eos)):
+        fresh = generate(model, ids, max_new_tokens=n, eos_token_id=stop)
+        for out in (plain.generate(ids, max_new_tokens=n, eos_token_id=stop),
+                    spec.generate(ids, max_new_tokens=n, eos_token_id=stop)):
+            assert torch.equal(out.tokens, fresh.tokens), (n, stop)
+            assert torch.equal(out.num_tokens, fresh.num_tokens), (n, stop)
+    assert int(fresh.num_tokens[0]) == 5  # the EOS cut happened (EOS included)
+
+
 def test_sampling_is_reproducible_and_respects_top_k():
     target = hybrid(0.5)
     ids = prompts()

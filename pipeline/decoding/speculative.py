@@ -379,13 +379,15 @@ class SpeculativeDecoder:
         proposes K, the target verifies them, both commit — plus emitting the accepted tokens
         into an output buffer, cut at EOS or ``max_new_tokens``, so the host never reads a token.
         It checks whether every row is done only every ``sync_every`` rounds. Without CUDA graphs
-        the same body runs eagerly (the CPU tests check this code).
+        the same body runs eagerly (the CPU tests check this code). The round and its tensors are
+        kept for the next call with the same EOS ids (the length limit is a tensor of the round).
         """
-        key = (tuple(sorted(_id_set(eos_token_id))) or (-1,), max_new_tokens)
+        key = tuple(sorted(_id_set(eos_token_id))) or (-1,)
         if self._rounds is None or self._rounds[0] != key:
-            self._rounds = (key, *self._capture_rounds(last, key[0], max_new_tokens))
+            self._rounds = (key, *self._capture_rounds(last, key))
         _, graph, state = self._rounds
-        eos = torch.tensor(key[0], device=last.device)
+        eos = torch.tensor(key, device=last.device)
+        state["max_new"].fill_(max_new_tokens)
         state["last"].copy_(last)
         state["pending"].zero_()
         state["pending"][:, 0] = last
@@ -407,7 +409,7 @@ class SpeculativeDecoder:
                                  accepted=accepted)
         return GenerationResult(tokens, count, stats)
 
-    def _capture_rounds(self, last, eos_ids, max_new_tokens):
+    def _capture_rounds(self, last, eos_ids):
         k, target, draft = self.k, self.target, self.draft
         b, device = last.shape[0], last.device
         eos = torch.tensor(eos_ids, device=device)
@@ -415,7 +417,9 @@ class SpeculativeDecoder:
         state = {
             "last": last.clone(), "pending": torch.zeros(b, k + 1, dtype=torch.long, device=device),
             "pending_len": torch.ones(b, dtype=torch.long, device=device),
-            "out": torch.zeros(b, max_new_tokens + k + 1, dtype=torch.long, device=device),
+            # as wide as any call's output can be (the session bounds prompt + new tokens), plus a round
+            "out": torch.zeros(b, target.max_length + k + 1, dtype=torch.long, device=device),
+            "max_new": torch.zeros((), dtype=torch.long, device=device),
             "count": torch.ones(b, dtype=torch.long, device=device), "done": torch.zeros(b, dtype=torch.bool, device=device),
             "rounds": torch.zeros((), dtype=torch.long, device=device),
             "row_rounds": torch.zeros(b, dtype=torch.long, device=device),
@@ -448,12 +452,12 @@ class SpeculativeDecoder:
             emitted = torch.where(slots < accepted[:, None], torch.cat([drafts, nxt[:, None]], dim=1), nxt[:, None])
             is_eos = (emitted[..., None] == eos).any(-1) & (slots <= accepted[:, None])
             n_emit = torch.minimum(accepted + 1, torch.where(is_eos.any(1), is_eos.long().argmax(1) + 1, k + 1))
-            n_emit = torch.where(active, torch.minimum(n_emit, max_new_tokens - st["count"]), 0)
+            n_emit = torch.where(active, torch.minimum(n_emit, st["max_new"] - st["count"]), 0)
             st["out"].scatter_(1, st["count"][:, None] + slots, emitted)  # past count + n_emit: overwritten later
             st["rounds"].add_(active.any().long())
             st["row_rounds"].add_(active.long())
             st["accepted"].add_(torch.where(active, accepted, 0))
-            st["done"].logical_or_(active & ((is_eos & (slots < n_emit[:, None])).any(1) | (st["count"] + n_emit >= max_new_tokens)))
+            st["done"].logical_or_(active & ((is_eos & (slots < n_emit[:, None])).any(1) | (st["count"] + n_emit >= st["max_new"])))
             st["count"].add_(n_emit)
             st["pending"].copy_(torch.where(slots < accepted[:, None], torch.cat([drafts, nxt[:, None]], dim=1), nxt[:, None]))
             st["pending_len"].copy_(accepted + 1)
