@@ -12,10 +12,16 @@ is slow (about a second per step of these 2–4 layer models), so models, prompt
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
+# The models here live on the CPU; the conftest turns the interpreter on where there is no GPU.
+# (On a GPU machine the same kernels are checked by benchmarks/fused_parity.py.)
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="the CPU checks of the fused kernels need TRITON_INTERPRET=1")
 
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
@@ -120,6 +126,19 @@ def test_fused_attention_over_several_key_splits():
         diffs = run_blocks(ref, fused, ragged_rows([13, 30, 20]), plan)
     assert max(diffs) < 1e-4, diffs
     assert fused.lengths.tolist() == [13 + 4 + 2 + 1, 30 + 1 + 4 + 1, 20 + 3 + 4 + 1]
+
+
+def test_fused_step_with_many_rows_takes_the_tiled_matmuls():
+    """Batch 4 x blocks of 5 = 20 rows, above the GEMV kernels' 16: the tiled matmul kernels = reference."""
+    from pipeline.ops.fused_decode import GEMV_MAX_ROWS
+
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    ref, fused = sessions(model, 4, 32, max_block=5)
+    assert 4 * 5 > GEMV_MAX_ROWS
+    plan = block_plan(4, [(5, [5, 0, 3, 1]), (5, [2, 5, 5, 4])])
+    with torch.no_grad():
+        diffs = run_blocks(ref, fused, ragged_rows([3, 7, 5, 9]), plan)
+    assert max(diffs) < 1e-4, diffs
 
 
 def test_fused_greedy_generation_equals_reference():

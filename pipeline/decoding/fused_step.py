@@ -9,7 +9,8 @@ made of: the step is bound by launches, not by reading the weights.
 Two layout choices come with it, made once per session: the cache keeps each Mamba layer's conv
 inputs in a ring (slot = position mod window, :class:`StaticHybridCache` with ``conv_ring``), so a
 block reads and writes different slots and the heads sharing a KV group need no ordering; and the
-attention's q/k/v weights are concatenated so they take one matmul.
+attention's q/k/v weights are concatenated so they take one matmul (a copy: q/k/v weights are held
+twice while a fused session lives, and later changes to the model's weights are not seen by it).
 """
 
 from __future__ import annotations

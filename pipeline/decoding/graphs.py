@@ -155,6 +155,8 @@ class DecodeSession:
     # --- CUDA graphs ---------------------------------------------------------------------------
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         """The block step itself, never through a graph: for callers capturing a larger loop body."""
+        if tokens.shape[1] > self.max_block:
+            raise PipelineError(f"block of {tokens.shape[1]} tokens exceeds the session's max_block {self.max_block}")
         return self._step(tokens)
 
     def capture(self, body, state: list[torch.Tensor], also: list["DecodeSession"] = ()):

@@ -245,6 +245,7 @@ class PlainDecoder:
                 dst.copy_(src)
         state[1].fill_(pad_token_id)
         state[-1].zero_()  # the column to write next
+        sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
         for step in range(max_new_tokens - 1):
             graph.replay()
             if (step + 1) % sync_every == 0 and bool(state[3].all()):
@@ -398,6 +399,7 @@ class SpeculativeDecoder:
         state["done"].copy_((last[:, None] == eos[None, :]).any(-1) | (max_new_tokens <= 1))
         for name in ("rounds", "row_rounds", "accepted"):
             state[name].zero_()
+        sync_every = sync_every if self.target.use_graphs else 1  # eager: checking costs nothing, rounds do
         while not bool(state["done"].all()):
             for _ in range(sync_every):
                 graph.replay()

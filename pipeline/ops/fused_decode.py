@@ -280,6 +280,15 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
 
 
 @triton.jit
+def _softplus(x):
+    """``log1p(exp(x))`` (threshold 20, as F.softplus); log1p by Goldberg's ``log(u)·y/(u-1)``, exact to ulps."""
+    y = tl.exp(x)
+    u = 1.0 + y
+    log1p = tl.where(u == 1.0, y, tl.log(u) * (y / (u - 1.0)))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
 def _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, chan, col, b, row0, t, pos0, W,
                s_pm, s_wb, s_wc, dtype, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
     """Causal conv + SiLU at position ``pos0 + t`` of channels ``chan`` (in-proj columns ``col``).
@@ -288,8 +297,6 @@ def _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, chan, col, b, row0,
     block from the in-proj output itself. Rounded to the model dtype, as the reference's conv.
     """
     acc = tl.zeros(chan.shape, dtype=tl.float32)
-    if HAS_CONV_BIAS:
-        acc += tl.load(conv_b_ptr + chan).to(tl.float32)
     for j in tl.static_range(WIDTH):
         q = pos0 + t - (WIDTH - 1) + j
         before = q < pos0
@@ -297,6 +304,8 @@ def _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, chan, col, b, row0,
         u_block = tl.load(proj_ptr + (row0 + q - pos0) * s_pm + col, mask=(chan >= 0) & (q >= pos0), other=0.0)
         u = tl.where(before, u_ring.to(tl.float32), u_block.to(tl.float32))
         acc += u * tl.load(conv_w_ptr + chan * WIDTH + j).to(tl.float32)
+    if HAS_CONV_BIAS:  # after the taps, as the reference conv adds it
+        acc += tl.load(conv_b_ptr + chan).to(tl.float32)
     return (acc / (1.0 + tl.exp(-acc))).to(dtype).to(tl.float32)
 
 
@@ -362,7 +371,7 @@ def _mamba2_mixer_kernel(
         cv = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cc, D_INNER + cc, b, row0, t, pos0, W,
                         s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
         raw = tl.load(proj_ptr + row * s_pm + D_INNER + conv_dim + h).to(tl.float32) + dt_bias
-        dt = tl.where(raw > 20.0, raw, tl.log(1.0 + tl.exp(raw)))
+        dt = _softplus(raw)
         tl.store(hx_ptr + b * s_hxb + t * s_hxt + h * s_hxh + offs_p, x.to(hx_ptr.dtype.element_ty))
         tl.store(hdt_ptr + b * s_hdb + t * s_hdt + h, dt)
         tl.store(hb_ptr + b * s_hbb + t * s_hbt + h * s_hbh + offs_n, bv.to(hb_ptr.dtype.element_ty))
@@ -450,7 +459,7 @@ def _attention_kernel(
     pos0 = tl.load(lengths_ptr + b)
     lo = split * SPLIT_LEN
     hi = lo + SPLIT_LEN
-    cache_base = b * s_cb + kvh * s_ch
+    cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
 
     # the block's keys (rotated) and values go into the cache slots of this split
     for t in tl.static_range(T):
