@@ -42,8 +42,8 @@ def unsupported_reason(model) -> str | None:
     if config.mamba_layers and (config.mamba_d_state & (config.mamba_d_state - 1)):
         return f"mamba_d_state {config.mamba_d_state} (must be a power of two)"
     mlp = model.model.layers[0].mlp
-    if mlp.gate_proj.bias is not None or mlp.up_proj.bias is not None:
-        return "MLP gate/up biases"
+    if any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        return "MLP biases"
     return None
 
 
@@ -60,15 +60,21 @@ def check_fused(model, device: torch.device) -> None:
 
 
 class FusedStep:
-    """``tokens (b, T) → logits (b, T, V)`` of a hybrid over a ring-layout :class:`StaticHybridCache`."""
+    """``tokens (b, T) → logits (b, T, V)`` of a hybrid over a ring-layout :class:`StaticHybridCache`.
 
-    def __init__(self, model, cache: StaticHybridCache):
+    ``atomic=True`` (``kernels="fused_atomic"``) is the three-launch layer: the residual stream is
+    kept in fp32, the mixer / attention kernel adds its output projection into it by atomic adds,
+    and one kernel does the whole MLP (its down projection likewise). Fewer launches; the price is
+    that atomic adds sum in no fixed order, so results vary in the last bits from run to run.
+    """
+
+    def __init__(self, model, cache: StaticHybridCache, atomic: bool = False):
         from pipeline.ops import fused_decode  # Triton: imported only when asked for
 
         if not cache.conv_ring:
             raise ValueError("the fused step needs a cache with conv_ring=True")
         self.ops = fused_decode
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.atomic = model, cache, atomic
         rotary = model.model.rotary_emb
         self.inv_freq = rotary.inv_freq.float().contiguous()
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
@@ -83,6 +89,8 @@ class FusedStep:
                 self.qkv[layer.layer_idx] = (weight, bias)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if self.atomic:
+            return self._atomic(tokens)
         ops, cache, base = self.ops, self.cache, self.model.model
         b, t = tokens.shape
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
@@ -107,4 +115,31 @@ class FusedStep:
             hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
         head = self.model.lm_head
         logits = ops.norm_linear(hidden, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)
+        return logits.view(b, t, -1)
+
+    def _atomic(self, tokens: torch.Tensor) -> torch.Tensor:
+        ops, cache, base = self.ops, self.cache, self.model.model
+        b, t = tokens.shape
+        resid = base.embed_tokens(tokens).reshape(b * t, -1).float()
+        spare = torch.empty_like(resid)
+        window = self.model.config.sliding_window
+        for layer in base.layers:
+            i, norm = layer.layer_idx, layer.input_layernorm
+            if layer.is_attention:
+                attn = layer.self_attn
+                weight, bias = self.qkv[i]
+                qkv = ops.norm_linear(resid, norm.weight, norm.variance_epsilon, weight, bias)
+                ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
+                              attn.scaling, attn.num_heads, b, t, window, self.splits, o_proj=attn.o_proj,
+                              streams=(resid, spare))
+            else:
+                mixer = layer.mamba
+                proj = ops.norm_linear(resid, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
+                ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
+                                 cache.ssm_states[i], cache.history[i], b, t, streams=(resid, spare))
+            post = layer.post_attention_layernorm
+            ops.mlp_accumulate(resid, post.weight, post.variance_epsilon, layer.mlp, spare)
+            resid, spare = spare, resid
+        head = self.model.lm_head
+        logits = ops.norm_linear(resid, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)
         return logits.view(b, t, -1)

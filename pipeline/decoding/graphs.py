@@ -67,19 +67,20 @@ class DecodeSession:
         max_length = -(-max_length // 16) * 16  # aligned key length: fused SDPA kernels accept the mask
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        if kernels == "fused":
+        fused = kernels in ("fused", "fused_atomic")
+        if fused:
             check_fused(self.model, self.device)
             if compile_mode:
                 raise PipelineError("torch.compile has nothing to fuse in the fused kernels' step", fix="leave compile_mode unset")
         self.cache = StaticHybridCache(self.model.config, batch_size, max_length, max_block, self.dtype, self.device,
-                                       conv_ring=kernels == "fused")
+                                       conv_ring=fused)
         self.batch_size, self.max_length, self.max_block = batch_size, max_length, max_block
         self.kernels = kernels
         self.use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.use_graphs and self.device.type != "cuda":
             raise PipelineError("CUDA graphs need a CUDA model", fix="pass cuda_graphs=False (or None) on CPU")
-        if kernels == "fused":
-            step = FusedStep(self.model, self.cache)
+        if fused:
+            step = FusedStep(self.model, self.cache, atomic=kernels == "fused_atomic")
         else:
             step = functools.partial(forward_block, self.model, self.cache, kernels=kernels)
         self._step = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
