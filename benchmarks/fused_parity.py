@@ -1,4 +1,4 @@
-"""Parity of the fused decoding step (kernels="fused") with the reference step, on the GPU.
+"""Parity of the fused decoding steps (kernels="fused", "fused_atomic") with the reference step, on the GPU.
 
 Model level, SmolLM2-135M shapes with random weights (30 layers, GQA 9/3, head_dim 64): the
 teacher as an all-attention hybrid and a 50% Mamba2 hybrid. Both sessions prefill the same
@@ -70,14 +70,16 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="tiny shapes (for the CPU interpreter)")
+    parser.add_argument("--kernels", default="fused,fused_atomic", help="fused step kinds to check")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     graphs = args.device == "cuda"
     teacher = smollm2_like(args.layers, args.device, args.quick)
-    models = {"teacher": teacher,
-              "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval(),
-              # kernel-level: one attention and one Mamba2 layer, before errors compound over depth
-              "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval()}
+    models = {  # first the kernel level: one attention and one Mamba2 layer, before depth compounds errors
+        "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval(),
+        "teacher": teacher,
+        "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval(),
+    }
     gen = torch.Generator().manual_seed(1)
     lengths = (9, 40) if args.quick else (40, 700)
     prompts = [torch.randint(1, teacher.config.vocab_size, (n,), generator=gen).to(args.device) for n in lengths]
@@ -85,24 +87,26 @@ def main() -> int:
 
     def show(row):
         if "error" in row:
-            print(f"{row['case']:<20} ERROR {row['error']}", flush=True)
+            print(f"{row['case']:<34} ERROR {row['error']}", flush=True)
         elif "float32" in row:
-            print(f"{row['case']:<20} logits rel err fp32 {row['float32']:.1e} (bar 1e-3), bf16 {row['bfloat16']:.1e} (bar 1e-2); "
+            print(f"{row['case']:<34} logits rel err fp32 {row['float32']:.1e} (bar 1e-3), bf16 {row['bfloat16']:.1e} (bar 1e-2); "
                   f"vs the fp32 reference: bf16 reference {row['bf16 ref vs fp32']:.1e}, bf16 fused {row['bf16 fused vs fp32']:.1e}  "
                   f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
         else:
-            print(f"{row['case']:<20} mismatched tokens: plain fused vs reference {row['plain fused vs reference']}, "
+            print(f"{row['case']:<34} mismatched tokens: plain fused vs reference {row['plain fused vs reference']}, "
                   f"speculative vs plain {row['spec fused vs plain fused']}; self-acceptance {row['self acceptance']:.2f}  "
                   f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
 
     print(f"fused decoding step vs reference ({args.device}, {args.layers} layers)", flush=True)
-    for name, model in models.items():
+    cases = [(kernels, name, model) for kernels in args.kernels.split(",") for name, model in models.items()]
+    for kernels, name, model in cases:
+        name = f"{kernels}: {name}"
         try:
             ref32 = block_logits(model, prompts, "reference", False)
             row = {"case": f"{name} blocks"}
             for dtype in (torch.float32, torch.bfloat16):
                 cast = model.to(dtype)
-                fused = block_logits(cast, prompts, "fused", graphs)
+                fused = block_logits(cast, prompts, kernels, graphs)
                 ref = ref32 if dtype == torch.float32 else block_logits(cast, prompts, "reference", False)
                 key = str(dtype).split(".")[-1]
                 row[key] = max(rel(f, r) for f, r in zip(fused[1:], ref[1:]))
@@ -117,8 +121,8 @@ def main() -> int:
 
             ids = torch.stack([p[:9] for p in prompts])
             expected = generate(model, ids, max_new_tokens=48, cuda_graphs=False).tokens
-            plain = generate(model, ids, max_new_tokens=48, kernels="fused", cuda_graphs=graphs).tokens
-            spec = speculative_generate(model, model, ids, k=4, max_new_tokens=48, kernels="fused", cuda_graphs=graphs)
+            plain = generate(model, ids, max_new_tokens=48, kernels=kernels, cuda_graphs=graphs).tokens
+            spec = speculative_generate(model, model, ids, k=4, max_new_tokens=48, kernels=kernels, cuda_graphs=graphs)
             row = {"case": f"{name} greedy", "plain fused vs reference": int((plain != expected).sum()),
                    "spec fused vs plain fused": int((spec.tokens != plain).sum()),
                    "self acceptance": spec.stats.acceptance_rate}

