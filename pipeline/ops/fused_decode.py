@@ -211,10 +211,19 @@ def _gemv_residual_kernel(
         tl.store(out_ptr + m * s_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU, pick the warp count per shape once (pure kernels)
-    _WARPS = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
-    _norm_gemv_kernel = triton.autotune(_WARPS, key=["N", "K", "M", "SWIGLU"])(_norm_gemv_kernel)
-    _gemv_residual_kernel = triton.autotune(_WARPS, key=["N", "K", "M"])(_gemv_residual_kernel)
+def _autotuned(kernel, key: list[str]):
+    """The kernel with its warp count picked per shape on first use; timings cached on disk
+    (each speed stage is a new process on the same machine) where Triton can."""
+    configs = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
+    try:
+        return triton.autotune(configs, key=key, cache_results=True)(kernel)
+    except TypeError:  # Triton without cache_results
+        return triton.autotune(configs, key=key)(kernel)
+
+
+if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU only; these two kernels are pure, so re-running is safe
+    _norm_gemv_kernel = _autotuned(_norm_gemv_kernel, ["N", "K", "M", "SWIGLU"])
+    _gemv_residual_kernel = _autotuned(_gemv_residual_kernel, ["N", "K", "M"])
 
 
 @triton.jit
