@@ -58,6 +58,27 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 @triton.jit
+def _rms_scale(x, rstd, nw, dtype):
+    """LlamaRMSNorm's rounding: ``x * rstd`` cast to the model dtype, times the weight, cast again (fp32 out)."""
+    return ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rms_norm_row(x, nw, K, eps, dtype):
+    """RMSNorm of one row ``x`` (fp32, padded with zeros past K)."""
+    return _rms_scale(x, 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps), nw, dtype)
+
+
+@triton.jit
+def _silu_mul(gate, up, dtype):
+    """``act_fn(gate(x)) * up(x)`` with each module's output rounded to the model dtype (fp32 out)."""
+    gate = gate.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return (act * up.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+
+
+
+@triton.jit
 def _norm_linear_kernel(
     x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
     M, N, K, eps,
@@ -89,8 +110,7 @@ def _norm_linear_kernel(
         mask_k = kk < K
         x = tl.load(x_ptr + offs_m[:, None] * s_xm + kk[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         nw = tl.load(nw_ptr + kk, mask=mask_k, other=0.0).to(tl.float32)
-        normed = (x.to(tl.float32) * rstd[:, None]).to(dtype).to(tl.float32)
-        xn = (normed * nw[None, :]).to(dtype)
+        xn = _rms_scale(x.to(tl.float32), rstd[:, None], nw[None, :], dtype).to(dtype)
         w = tl.load(w_ptr + offs_n[:, None] * s_wn + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(xn, tl.trans(w), acc, input_precision=PRECISION)
         if SWIGLU:
@@ -98,10 +118,8 @@ def _norm_linear_kernel(
             acc2 = tl.dot(xn, tl.trans(w2), acc2, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    if SWIGLU:  # act_fn(gate(x)) * up(x), each rounded to the model dtype as the MLP's modules do
-        gate = acc.to(dtype).to(tl.float32)
-        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        acc = act * acc2.to(dtype).to(tl.float32)
+    if SWIGLU:
+        acc = _silu_mul(acc, acc2, dtype)
     tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])
 
@@ -168,16 +186,12 @@ def _norm_gemv_kernel(
     if USE_PDL:
         gdc_wait()  # weights are in registers; the activations come from the kernel before
     for m in tl.static_range(M):
-        x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-        xn = ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
+        xn = _rms_norm_row(tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32), nw, K, eps, dtype)
         acc = tl.sum(w * xn[None, :], axis=1)
         if HAS_BIAS:
             acc += bias
         if SWIGLU:
-            gate = acc.to(dtype).to(tl.float32)
-            act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            acc = act * tl.sum(w2 * xn[None, :], axis=1).to(dtype).to(tl.float32)
+            acc = _silu_mul(acc, tl.sum(w2 * xn[None, :], axis=1), dtype)
         tl.store(out_ptr + m * s_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -253,12 +267,8 @@ def _mlp_accumulate_kernel(
     if USE_PDL:
         gdc_wait()
     for m in range(0, M):
-        x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
-        xn = ((x * rstd).to(dtype).to(tl.float32) * nw).to(dtype).to(tl.float32)
-        gate = tl.sum(wg.to(tl.float32) * xn[None, :], axis=1).to(dtype).to(tl.float32)
-        up = tl.sum(wu.to(tl.float32) * xn[None, :], axis=1).to(dtype).to(tl.float32)
-        act = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up).to(dtype).to(tl.float32)
+        xn = _rms_norm_row(tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32), nw, K, eps, dtype)
+        act = _silu_mul(tl.sum(wg.to(tl.float32) * xn[None, :], axis=1), tl.sum(wu.to(tl.float32) * xn[None, :], axis=1), dtype)
         for h0 in tl.static_range(0, HIDDEN, BLOCK_H):
             offs_h = h0 + tl.arange(0, BLOCK_H)
             mask_h = offs_h < HIDDEN
