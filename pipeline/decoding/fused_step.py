@@ -89,57 +89,38 @@ class FusedStep:
                 self.qkv[layer.layer_idx] = (weight, bias)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.atomic:
-            return self._atomic(tokens)
         ops, cache, base = self.ops, self.cache, self.model.model
         b, t = tokens.shape
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
+        if self.atomic:  # fp32 stream the kernels add into, and the spare the MLP writes the next one to
+            hidden = hidden.float()
+            spare = torch.empty_like(hidden)
         window = self.model.config.sliding_window
         for layer in base.layers:
             i, norm = layer.layer_idx, layer.input_layernorm
+            streams = (hidden, spare) if self.atomic else None
             if layer.is_attention:
-                attn = layer.self_attn
-                weight, bias = self.qkv[i]
+                attn, (weight, bias) = layer.self_attn, self.qkv[i]
                 qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
-                                    attn.scaling, attn.num_heads, b, t, window, self.splits)
-                hidden = ops.linear_residual(out, attn.o_proj.weight, hidden, attn.o_proj.bias)
+                                    attn.scaling, attn.num_heads, b, t, window, self.splits, o_proj=attn.o_proj,
+                                    streams=streams)
+                out_proj = attn.o_proj
             else:
                 mixer = layer.mamba
                 proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
-                y = ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
-                                     cache.ssm_states[i], cache.history[i], b, t)
-                hidden = ops.linear_residual(y, mixer.out_proj.weight, hidden, mixer.out_proj.bias)
+                out = ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
+                                       cache.ssm_states[i], cache.history[i], b, t, streams=streams)
+                out_proj = mixer.out_proj
             post, mlp = layer.post_attention_layernorm, layer.mlp
-            act = ops.norm_linear(hidden, post.weight, post.variance_epsilon, mlp.gate_proj.weight, up_weight=mlp.up_proj.weight)
-            hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
+            if self.atomic:  # the mixer added its projection into ``hidden`` and zeroed ``spare``
+                ops.mlp_accumulate(hidden, post.weight, post.variance_epsilon, mlp, spare)
+                hidden, spare = spare, hidden
+            else:
+                hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)
+                act = ops.norm_linear(hidden, post.weight, post.variance_epsilon, mlp.gate_proj.weight,
+                                      up_weight=mlp.up_proj.weight)
+                hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
         head = self.model.lm_head
         logits = ops.norm_linear(hidden, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)
-        return logits.view(b, t, -1)
-
-    def _atomic(self, tokens: torch.Tensor) -> torch.Tensor:
-        ops, cache, base = self.ops, self.cache, self.model.model
-        b, t = tokens.shape
-        resid = base.embed_tokens(tokens).reshape(b * t, -1).float()
-        spare = torch.empty_like(resid)
-        window = self.model.config.sliding_window
-        for layer in base.layers:
-            i, norm = layer.layer_idx, layer.input_layernorm
-            if layer.is_attention:
-                attn = layer.self_attn
-                weight, bias = self.qkv[i]
-                qkv = ops.norm_linear(resid, norm.weight, norm.variance_epsilon, weight, bias)
-                ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
-                              attn.scaling, attn.num_heads, b, t, window, self.splits, o_proj=attn.o_proj,
-                              streams=(resid, spare))
-            else:
-                mixer = layer.mamba
-                proj = ops.norm_linear(resid, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
-                ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
-                                 cache.ssm_states[i], cache.history[i], b, t, streams=(resid, spare))
-            post = layer.post_attention_layernorm
-            ops.mlp_accumulate(resid, post.weight, post.variance_epsilon, layer.mlp, spare)
-            resid, spare = spare, resid
-        head = self.model.lm_head
-        logits = ops.norm_linear(resid, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)
         return logits.view(b, t, -1)

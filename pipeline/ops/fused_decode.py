@@ -712,7 +712,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     ``keys``/``values`` (b, kv, max_length, d): the block's token ``t`` of row ``r`` goes to slot
     ``lengths[r] + t`` and attends to slots up to its own. With ``streams`` (the fp32 residual
     stream and a spare one) it adds ``o_proj(output)`` into the first, zeroes the second for the
-    MLP, and returns None.
+    MLP, and returns None; without, ``o_proj`` is not used.
     """
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
@@ -724,6 +724,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     else:
         part_acc = part_ml = out
     block_r = max(16, triton.next_power_of_2(rep * tokens))
+    o_proj = o_proj if streams is not None else None  # only the atomic plan projects in-kernel
     fused_out = dict(OUT_PROJ=streams is not None, HIDDEN=o_proj.weight.shape[0] if o_proj is not None else 1,
                      BLOCK_H=PROJECTION_BLOCK, HAS_OUT_BIAS=o_proj is not None and o_proj.bias is not None)
     resid, spare = streams if streams is not None else (out, out)
