@@ -7,11 +7,7 @@
 # Knobs (environment): FUSED="fused fused_atomic" (profiled kinds), PDL_MODES="0 1",
 # KERNELS="fused fused_atomic triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
 set -uo pipefail
-OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwheels/*.whl 2>/dev/null || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu_call_setup.sh"
 status=0
 timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused fused_atomic} | tr ' ' ,)" \
   --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1

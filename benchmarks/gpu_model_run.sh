@@ -4,11 +4,7 @@
 # Run from the repo root with the GPU wheels in .gpuwheels/ (fla-core, transformers, mamba-ssm):
 #   bash benchmarks/gpu_model_run.sh   (results under $OUT, default ./gpu-results)
 set -uo pipefail
-OUT=${OUT:-gpu-results}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpuwheels/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+source "$(dirname "$0")/gpu_call_setup.sh"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 status=0
 timeout ${PARITY_TIMEOUT:-330} python3 benchmarks/kernel_parity.py ${PARITY_ARGS:-} --out "$OUT/kernel_parity.json" 2>&1 | tee "$OUT/kernel_parity.txt" || status=1
