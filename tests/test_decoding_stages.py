@@ -16,12 +16,7 @@ from pipeline.stage import run_stage
 from tests.tiny_teacher import build_tiny_teacher
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_draft_layers_and_copy():

@@ -21,8 +21,9 @@ import torch
 pytest.importorskip("triton")
 # The models here live on the CPU; the conftest turns the interpreter on where there is no GPU.
 # (On a GPU machine the same kernels are checked by benchmarks/fused_parity.py.)
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the CPU checks of the fused kernels need TRITON_INTERPRET=1")
+pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="the CPU checks of the fused kernels need TRITON_INTERPRET=1"),
+              pytest.mark.usefixtures("one_thread")]
 
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
@@ -30,15 +31,6 @@ from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from tests.test_model import tiny_teacher  # noqa: E402
 from tests.test_speculative import prompts, teacher  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared CPU: extra threads only contend."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def hybrid(source, ratio, mixer="mamba2"):
