@@ -177,7 +177,7 @@ class DecodeSession:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            for _ in range(3):
+            for _ in range(3):  # compile / autotune / allocator warm-up outside the capture
                 body()
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
@@ -192,22 +192,15 @@ class DecodeSession:
         return graph
 
     def _capture(self, t: int) -> None:
-        """Capture the step for blocks of ``t`` tokens; warm-up runs must not change the cache."""
+        """Capture the step for blocks of ``t`` tokens (its output buffer is the graph's logits)."""
         static_tokens = torch.zeros(self.batch_size, t, dtype=torch.long, device=self.device)
-        saved = self.cache.snapshot()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # compile / autotune / allocator warm-up outside the capture
-                self._step(static_tokens)
-        torch.cuda.current_stream().wait_stream(stream)
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            static_logits = self._step(static_tokens)
-        self.cache.restore(saved)
-        self._graphs[t] = (graph, static_tokens, static_logits)
+        captured = {}
+
+        def body():
+            captured["logits"] = self._step(static_tokens)  # the last call is the captured one
+
+        graph = self.capture(body, [])
+        self._graphs[t] = (graph, static_tokens, captured["logits"])
         log.info("captured a CUDA graph for blocks of %d token(s), batch %d", t, self.batch_size)
 
 
