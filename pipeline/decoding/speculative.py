@@ -432,23 +432,11 @@ class SpeculativeDecoder:
 
         def body():
             active = ~st["done"]
-            # the draft reads the pending tokens, proposes K, and returns to the state after them
-            logits = draft.step(st["pending"])
-            logits = logits.gather(1, (st["pending_len"] - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
-            draft.cache.commit(torch.where(active, st["pending_len"], 0))
-            draft.snapshot()
-            proposals = []
-            for i in range(k):
-                proposals.append(logits.argmax(-1))
-                if i + 1 < k:
-                    logits = draft.step(proposals[-1][:, None])[:, 0]
-                    draft.cache.commit(torch.ones_like(st["pending_len"]))
-            draft.restore()
-            drafts = torch.stack(proposals, dim=1)
+            drafts, _ = self._draft_proposals(st["pending"], st["pending_len"], active, draft.step,
+                                              lambda logits: (logits.argmax(-1), None))
             # the target verifies; it keeps the accepted drafts and its own next token
-            best = target.step(torch.cat([st["last"][:, None], drafts], dim=1)).argmax(-1)
-            accepted = (drafts == best[:, :k]).long().cumprod(1).sum(1)
-            nxt = best.gather(1, accepted[:, None]).squeeze(1)
+            target_logits = target.step(torch.cat([st["last"][:, None], drafts], dim=1))
+            accepted, nxt = _accept(target_logits, drafts, None, GREEDY, None)
             target.cache.commit(torch.where(active, accepted + 1, 0))
             # emit accepted drafts + the next token, cut after an EOS and at max_new_tokens
             emitted = torch.where(slots < accepted[:, None], torch.cat([drafts, nxt[:, None]], dim=1), nxt[:, None])
@@ -469,31 +457,40 @@ class SpeculativeDecoder:
         return graph, state
 
     def _propose(self, pending, pending_len, active, sampling, generator):
-        """K draft tokens (b, K) and, when sampling, their distributions (b, K, V).
+        """K sampled draft tokens (b, K) and their distributions (b, K, V)."""
+
+        def sample(logits):
+            q = sampling.probs(logits)
+            return torch.multinomial(q, 1, generator=generator).squeeze(-1), q
+
+        drafts, probs = self._draft_proposals(pending, pending_len, active, self.draft.extend, sample)
+        return drafts, torch.stack(probs, dim=1)
+
+    def _draft_proposals(self, pending, pending_len, active, run, choose):
+        """K draft tokens (b, K), and beside each what ``choose`` returned with it (its distribution when sampling).
 
         The draft first reads the pending tokens (the accepted drafts and the new token of the
-        last round, ``pending_len[r]`` of them), then proposes one token per step; afterwards it
-        returns to the state after the pending tokens, since the target decides what stays.
+        last round, ``pending_len[r]`` of them, padded to a block of K + 1), then proposes one
+        token per step (``choose``: logits (b, V) → (token, extra)); afterwards it returns to the
+        state after the pending tokens, since the target decides what stays. ``run`` is the
+        draft's block step: ``extend`` (through its own graphs) in the sampling loop, ``step``
+        inside a captured greedy round.
         """
         draft, k = self.draft, self.k
-        width = k + 1 if draft.use_graphs else int(pending_len.max())
-        block = torch.nn.functional.pad(pending, (0, width - pending.shape[1]))[:, :width]
-        logits = draft.extend(block).gather(1, (pending_len - 1)[:, None, None].expand(-1, 1, draft.model.config.vocab_size))[:, 0]
+        logits = run(torch.nn.functional.pad(pending, (0, k + 1 - pending.shape[1])))
+        logits = logits.gather(1, (pending_len - 1)[:, None, None].expand(-1, 1, logits.shape[-1]))[:, 0]
         draft.commit(torch.where(active, pending_len, 0))
         draft.snapshot()
-        tokens, probs = [], []
+        tokens, extras = [], []
         for i in range(k):
-            if sampling.do_sample:
-                q = sampling.probs(logits)
-                probs.append(q)
-                tokens.append(torch.multinomial(q, 1, generator=generator).squeeze(-1))
-            else:
-                tokens.append(logits.argmax(-1))
+            token, extra = choose(logits)
+            tokens.append(token)
+            extras.append(extra)
             if i + 1 < k:
-                logits = draft.extend(tokens[-1][:, None])[:, 0]
+                logits = run(token[:, None])[:, 0]
                 draft.commit(torch.ones_like(pending_len))
         draft.restore()
-        return torch.stack(tokens, dim=1), (torch.stack(probs, dim=1) if probs else None)
+        return torch.stack(tokens, dim=1), extras
 
 
 def _accept(target_logits, drafts, draft_probs, sampling: Sampling, generator):
