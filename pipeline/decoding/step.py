@@ -152,7 +152,6 @@ def settle(model: HybridMambaForCausalLM, cache: StaticHybridCache) -> None:
     After this the cache means the same as before (replay 0, conv state at offset 0): used to
     read or compare states, never needed for decoding itself.
     """
-    keep = cache.conv_keep
     for layer in model.model.layers:
         if layer.is_attention:
             continue
@@ -162,9 +161,6 @@ def settle(model: HybridMambaForCausalLM, cache: StaticHybridCache) -> None:
             ref.ssd_replay_(cache.ssm_states[i], cache.history[i], cache.replay, A)
         else:
             ref.selective_replay_(cache.ssm_states[i], cache.history[i], cache.replay, A)
-        if cache.conv_ring:
-            continue  # a ring needs no settling: its state is read at the row's length
-        window = cache.conv_windows[i]
-        offsets = (cache.replay[:, None, None] + torch.arange(keep, device=window.device)).expand(*window.shape[:2], keep)
-        window[:, :, :keep].copy_(window.gather(2, offsets))
+        if not cache.conv_ring:  # a ring needs no settling: its state is read at the row's length
+            cache.conv_windows[i][:, :, : cache.conv_keep].copy_(cache.conv_state(i))
     cache.replay.zero_()
