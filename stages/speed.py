@@ -39,7 +39,6 @@ import torch
 
 from pipeline.decoding.speed import PROMPT_FORMATS, SpeedSettings, chat_frame, hardware, headline, plot, speed_table
 from pipeline.decoding.fused_step import unsupported_reason
-from pipeline.decoding.graphs import as_hybrid
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
 from pipeline.stage import StageContext, run_stage
@@ -137,7 +136,7 @@ def main(ctx: StageContext) -> None:
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
     texts = prompt_texts(Path(ctx.cfg.get("prompts_file", "data/prompts/prompts.jsonl")))
     if settings.kernels in ("fused", "fused_atomic"):
-        reason = next(filter(None, (unsupported_reason(as_hybrid(m)) for m in (target, draft))), None)
+        reason = next(filter(None, (unsupported_reason(m) for m in (target, draft))), None)
         if reason is not None:
             print(f"speed@{ctx.key}: the fused decoding step does not support {reason}; timing with kernels=triton")
             settings = dataclasses.replace(settings, kernels="triton")

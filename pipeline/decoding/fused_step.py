@@ -27,19 +27,20 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def unsupported_reason(model) -> str | None:
-    """Why the fused step cannot run ``model`` (a hybrid), or None when it can."""
+    """Why the fused step cannot run ``model`` (a hybrid, or a Llama-family teacher decoded as one), or None."""
     config = model.config
-    if config.mamba_layers and config.mixer_type != "mamba2":
+    mamba_layers = getattr(config, "mamba_layers", [])  # a teacher has none
+    if mamba_layers and config.mixer_type != "mamba2":
         return f"mixer type {config.mixer_type!r} (the fused step has Mamba2's mixer only)"
     if config.hidden_act != "silu":
         return f"MLP activation {config.hidden_act!r} (the fused SwiGLU is silu)"
     rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
     if rope_type not in STATIC_ROPE_TYPES:
         return f"rotary type {rope_type!r} (frequencies that change with length)"
-    d = config.head_dim
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if d < 16 or d & (d - 1):
         return f"head_dim {d} (must be a power of two >= 16)"
-    if config.mamba_layers and (config.mamba_d_state & (config.mamba_d_state - 1)):
+    if mamba_layers and (config.mamba_d_state & (config.mamba_d_state - 1)):
         return f"mamba_d_state {config.mamba_d_state} (must be a power of two)"
     mlp = model.model.layers[0].mlp
     if any(p.bias is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
