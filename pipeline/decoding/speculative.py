@@ -209,12 +209,12 @@ class PlainDecoder:
         _check_lengths(rows, max_new_tokens, session, margin=2)
         device = session.device
         eos = torch.tensor(sorted(_id_set(eos_token_id)) or [-1], device=device)
-        tokens = torch.full((len(rows), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         counts = torch.zeros(len(rows), dtype=torch.long, device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         token = sampling.choose(session.prefill(rows), generator)
         if not sampling.do_sample:
             return self._greedy_graphed(token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every)
+        tokens = torch.full((len(rows), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         for step in range(max_new_tokens):
             live = ~finished
             tokens[:, step] = torch.where(live, token, pad_token_id)
