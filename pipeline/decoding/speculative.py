@@ -209,12 +209,12 @@ class PlainDecoder:
         _check_lengths(rows, max_new_tokens, session, margin=2)
         device = session.device
         eos = torch.tensor(sorted(_id_set(eos_token_id)) or [-1], device=device)
-        counts = torch.zeros(len(rows), dtype=torch.long, device=device)
-        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         token = sampling.choose(session.prefill(rows), generator)
         if not sampling.do_sample:
-            return self._greedy_graphed(token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every)
+            return self._greedy_graphed(token, eos, max_new_tokens, pad_token_id, sync_every)
         tokens = torch.full((len(rows), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        counts = torch.zeros(len(rows), dtype=torch.long, device=device)
+        finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
         for step in range(max_new_tokens):
             live = ~finished
             tokens[:, step] = torch.where(live, token, pad_token_id)
@@ -227,7 +227,7 @@ class PlainDecoder:
             token = sampling.choose(logits, generator)
         return GenerationResult(tokens, counts)
 
-    def _greedy_graphed(self, token, counts, finished, eos, max_new_tokens, pad_token_id, sync_every):
+    def _greedy_graphed(self, token, eos, max_new_tokens, pad_token_id, sync_every):
         """Greedy decoding with the per-token bookkeeping inside the graph: the host only replays.
 
         The same steps as the sampling loop (record, mark finished rows, extend, commit, choose);
@@ -238,28 +238,33 @@ class PlainDecoder:
         """
         key = (tuple(eos.tolist()), pad_token_id)
         if self._loop is None or self._loop[0] != key:
-            self._loop = (key, *self._capture_loop(token, counts, finished, eos, pad_token_id))
+            self._loop = (key, *self._capture_loop(token, eos, pad_token_id))
         _, graph, state, record = self._loop
-        for dst, src in zip(state, (token, None, counts, finished)):
-            if src is not None:
-                dst.copy_(src)
-        state[1].fill_(pad_token_id)
-        state[-1].zero_()  # the column to write next
+        state["token"].copy_(token)
+        state["tokens"].fill_(pad_token_id)
+        for name in ("counts", "finished", "column"):
+            state[name].zero_()
         sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
         for step in range(max_new_tokens - 1):
             graph.replay()
-            if (step + 1) % sync_every == 0 and bool(state[3].all()):
+            if (step + 1) % sync_every == 0 and bool(state["finished"].all()):
                 break
         else:
             record()
-        return GenerationResult(state[1][:, :max_new_tokens].clone(), state[2].clone())
+        return GenerationResult(state["tokens"][:, :max_new_tokens].clone(), state["counts"].clone())
 
-    def _capture_loop(self, token, counts, finished, eos, pad_token_id):
+    def _capture_loop(self, token, eos, pad_token_id):
         session, b = self.session, token.shape[0]
-        token, counts, finished = token.clone(), counts.clone(), finished.clone()
-        # as wide as any call's output can be (the session's length bounds prompt + new tokens)
-        tokens = torch.full((b, session.max_length), pad_token_id, dtype=torch.long, device=session.device)
-        column = torch.zeros(1, 1, dtype=torch.long, device=session.device)
+        device = session.device
+        state = {
+            "token": token.clone(),
+            # as wide as any call's output can be (the session's length bounds prompt + new tokens)
+            "tokens": torch.full((b, session.max_length), pad_token_id, dtype=torch.long, device=device),
+            "counts": torch.zeros(b, dtype=torch.long, device=device),
+            "finished": torch.zeros(b, dtype=torch.bool, device=device),
+            "column": torch.zeros(1, 1, dtype=torch.long, device=device),  # the column to write next
+        }
+        token, tokens, counts, finished, column = state.values()
 
         def record():
             live = ~finished
@@ -274,8 +279,7 @@ class PlainDecoder:
             token.copy_(logits.argmax(-1))
             column.add_(1)
 
-        state = [token, tokens, counts, finished, column]
-        return session.capture(body, state), state, record
+        return session.capture(body, list(state.values())), state, record
 
 
 # --- speculative decoding -------------------------------------------------------------------------
