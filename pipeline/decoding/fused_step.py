@@ -10,7 +10,8 @@ Two layout choices come with it, made once per session: the cache keeps each Mam
 inputs in a ring (slot = position mod window, :class:`StaticHybridCache` with ``conv_ring``), so a
 block reads and writes different slots and the heads sharing a KV group need no ordering; and the
 attention's q/k/v weights are concatenated so they take one matmul (a copy: q/k/v weights are held
-twice while a fused session lives, and later changes to the model's weights are not seen by it).
+twice while a fused session lives, and later changes to the model's weights are not seen by it;
+the atomic plan likewise keeps a transposed copy of each down projection).
 """
 
 from __future__ import annotations
@@ -81,7 +82,10 @@ class FusedStep:
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.splits = fused_decode.attention_splits(cache.max_length)
         self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.down_t: dict[int, torch.Tensor] = {}  # the atomic plan's MLP reads the down weight by rows
         for layer in model.model.layers:
+            if atomic:
+                self.down_t[layer.layer_idx] = layer.mlp.down_proj.weight.t().contiguous()
             if layer.is_attention:
                 attn = layer.self_attn
                 projections = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -115,7 +119,7 @@ class FusedStep:
                 out_proj = mixer.out_proj
             post, mlp = layer.post_attention_layernorm, layer.mlp
             if self.atomic:  # the mixer added its projection into ``hidden`` and zeroed ``spare``
-                ops.mlp_accumulate(hidden, post.weight, post.variance_epsilon, mlp, spare)
+                ops.mlp_accumulate(hidden, post.weight, post.variance_epsilon, mlp, self.down_t[i], spare)
                 hidden, spare = spare, hidden
             else:
                 hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)

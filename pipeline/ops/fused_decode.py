@@ -27,6 +27,7 @@ interpreter (``TRITON_INTERPRET=1``), which is how the tests check it against th
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,12 +39,17 @@ try:  # grid dependency control (Hopper+): Triton >= 3.4
 except ImportError:  # pragma: no cover - older Triton
     gdc_launch_dependents = gdc_wait = None
 
-# Programmatic dependent launch, opt-in (PIPELINE_FUSED_PDL=1; CUDA graphs keep it): each GEMV,
-# mixer and attention kernel may start while the one before it finishes, loads its weights, and
-# waits (gdc_wait) only before reading activations. Before the wait a kernel reads nothing that
-# any kernel writes. Not yet measured on a GPU, hence off by default.
-PDL = (os.environ.get("PIPELINE_FUSED_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
-       and gdc_wait is not None)
+# Programmatic dependent launch (on by default on Hopper+; PIPELINE_FUSED_PDL=0 turns it off; CUDA
+# graphs keep it): each GEMV, mixer and attention kernel may start while the one before it
+# finishes, loads its weights, and waits (gdc_wait) only before reading activations. Before the
+# wait a kernel reads nothing that any kernel writes. Measured on an H100 (teacher shape, b1):
+# a graph step of 623 us without, 513 us with (reports/gpu/decode-fused-2026-11-26).
+@functools.cache
+def _pdl() -> bool:
+    """Whether to launch with PDL: asked at the first launch, so importing never touches CUDA."""
+    return (os.environ.get("PIPELINE_FUSED_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+            and gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
+
 
 PROJECTION_BLOCK = 64  # output columns per atomic chunk in the "atomic" layer plan
 BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
@@ -242,15 +248,16 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU only; these two kernel
 
 @triton.jit
 def _mlp_accumulate_kernel(
-    x_ptr, nw_ptr, wg_ptr, wu_ptr, wd_ptr, out_ptr,
-    M, I, K, eps, s_xm, s_wn, s_wdn, s_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr,
+    x_ptr, nw_ptr, wg_ptr, wu_ptr, wdt_ptr, out_ptr,
+    M, I, K, eps, s_xm, s_wn, s_wdt, s_om,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     """``out = x + down(silu(gate(n)) · up(n))`` with ``n = RMSNorm(x)``, one launch for the whole MLP.
 
     A program owns BLOCK_N intermediate channels: it computes their activations and adds their
-    share of the down projection into ``out`` (zeroed by the mixer kernel before) by atomic adds;
-    program 0 also adds ``x``.
+    share of the down projection into ``out`` (zeroed by the mixer kernel before) by one relaxed
+    atomic add per row; program 0 also adds ``x``. The down weight comes transposed (I, K), so a
+    program's share is BLOCK_N whole rows, read as coalesced as the gate and up rows.
     """
     if USE_PDL:
         gdc_launch_dependents()
@@ -263,31 +270,33 @@ def _mlp_accumulate_kernel(
     w_mask = mask_n[:, None] & mask_k[None, :]
     wg = tl.load(wg_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
     wu = tl.load(wu_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
+    wdt = tl.load(wdt_ptr + offs_n[:, None] * s_wdt + offs_k[None, :], mask=w_mask, other=0.0)
     nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     if USE_PDL:
         gdc_wait()
     for m in range(0, M):
-        xn = _rms_norm_row(tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32), nw, K, eps, dtype)
+        x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        xn = _rms_norm_row(x, nw, K, eps, dtype)
         act = _silu_mul(tl.sum(wg.to(tl.float32) * xn[None, :], axis=1), tl.sum(wu.to(tl.float32) * xn[None, :], axis=1), dtype)
-        for h0 in tl.static_range(0, HIDDEN, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            mask_h = offs_h < HIDDEN
-            wd = tl.load(wd_ptr + offs_h[:, None] * s_wdn + offs_n[None, :], mask=mask_h[:, None] & mask_n[None, :], other=0.0)
-            part = tl.sum(wd.to(tl.float32) * act[None, :], axis=1)
-            part += tl.load(x_ptr + m * s_xm + offs_h, mask=mask_h & (pid == 0), other=0.0).to(tl.float32)
-            tl.atomic_add(out_ptr + m * s_om + offs_h, part, mask=mask_h)
+        part = tl.sum(wdt.to(tl.float32) * act[:, None], axis=0)
+        part += tl.where(pid == 0, x, 0.0)
+        tl.atomic_add(out_ptr + m * s_om + offs_k, part, mask=mask_k, sem="relaxed")
 
 
-def mlp_accumulate(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, mlp, out: torch.Tensor) -> None:
-    """``out += x + mlp(RMSNorm(x))`` for the fp32 streams x, out (M, hidden); ``out`` must start at zero."""
+def mlp_accumulate(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, mlp, down_t: torch.Tensor,
+                   out: torch.Tensor) -> None:
+    """``out += x + mlp(RMSNorm(x))`` for the fp32 streams x, out (M, hidden); ``out`` must start at zero.
+
+    ``down_t``: ``mlp.down_proj.weight`` transposed and contiguous (intermediate, hidden).
+    """
     m, k = x.shape
     inter = mlp.gate_proj.weight.shape[0]
     block_k = triton.next_power_of_2(k)
     block_n = max(1, min(16, 4096 // block_k))
     _mlp_accumulate_kernel[(triton.cdiv(inter, block_n),)](
-        x, norm_weight, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, out,
-        m, inter, k, eps, x.stride(0), mlp.gate_proj.weight.stride(0), mlp.down_proj.weight.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, HIDDEN=k, BLOCK_H=PROJECTION_BLOCK, USE_PDL=PDL, launch_pdl=PDL,
+        x, norm_weight, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, out,
+        m, inter, k, eps, x.stride(0), mlp.gate_proj.weight.stride(0), down_t.stride(0), out.stride(0),
+        BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=_pdl(), launch_pdl=_pdl(),
     )
 
 
@@ -313,7 +322,7 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
             out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
             M=m, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            USE_PDL=PDL, launch_pdl=PDL,
+            USE_PDL=_pdl(), launch_pdl=_pdl(),
         )
         return out
     block_n = _block_n(n)
@@ -337,7 +346,7 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
         _gemv_residual_kernel[(triton.cdiv(n, block_n),)](
             a, weight, bias if bias is not None else weight, residual, out,
             n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
-            M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=PDL, launch_pdl=PDL,
+            M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=_pdl(), launch_pdl=_pdl(),
         )
         return out
     block_n = _block_n(n)
@@ -371,7 +380,7 @@ def _accumulate_projection(v, offs_v, mask_v, w_ptr, s_wn, col0, bias_ptr, with_
         if HAS_BIAS:
             bias = tl.load(bias_ptr + offs_h, mask=mask_h & with_bias, other=0.0)
             part += bias.to(tl.float32)
-        tl.atomic_add(out_ptr + offs_h, part, mask=mask_h)
+        tl.atomic_add(out_ptr + offs_h, part, mask=mask_h, sem="relaxed")
 
 
 @triton.jit
@@ -535,8 +544,8 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
         T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
-        USE_PDL=PDL, OUT_PROJ=streams is not None, HIDDEN=out.weight.shape[0], BLOCK_H=PROJECTION_BLOCK,
-        HAS_OUT_BIAS=out.bias is not None, launch_pdl=PDL,
+        USE_PDL=_pdl(), OUT_PROJ=streams is not None, HIDDEN=out.weight.shape[0], BLOCK_H=PROJECTION_BLOCK,
+        HAS_OUT_BIAS=out.bias is not None, launch_pdl=_pdl(),
     )
     return None if streams is not None else y
 
@@ -736,12 +745,12 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
-        PRECISION=_precision(keys.dtype), USE_PDL=PDL, R_MAX=rep * tokens, **fused_out, launch_pdl=PDL,
+        PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), R_MAX=rep * tokens, **fused_out, launch_pdl=_pdl(),
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
             part_acc, part_ml, out, num_heads, n_splits,
             part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0), *wo_args,
-            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=PDL, **fused_out, launch_pdl=PDL,
+            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), **fused_out, launch_pdl=_pdl(),
         )
     return None if streams is not None else out
