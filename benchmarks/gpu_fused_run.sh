@@ -6,24 +6,24 @@
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]
 # Everything lands in $OUT/fused-results.tgz (the device tool brings back few files), and the
 # Triton cache in $OUT/triton.tgz (carry it as .gpucache/triton.tgz next time).
-# Knobs (environment): FUSED="fused fused_atomic" (profiled and checked kinds), PDL_MODES="1 0",
-# KERNELS="fused fused_atomic triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
+# Knobs (environment): FUSED="fused" (profiled and checked kinds), PDL_MODES="1 0",
+# KERNELS="fused triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
 set -uo pipefail
 FINAL_OUT=${OUT:-gpu-results}
 OUT=/tmp/fused-results
 source "$(dirname "$0")/gpu_call_setup.sh"
 status=0
-for kind in ${FUSED:-fused fused_atomic}; do
+for kind in ${FUSED:-fused}; do
   for pdl in ${PDL_MODES:-1 0}; do
     PIPELINE_FUSED_PDL=$pdl timeout ${PROFILE_TIMEOUT:-120} python3 benchmarks/fused_profile.py --kernels "$kind" \
       --out "$OUT/profile-$kind-pdl$pdl.json" 2>&1 | grep -v Warn | tee "$OUT/profile-$kind-pdl$pdl.txt" || status=1
   done
 done
-for kernels in ${KERNELS:-fused fused_atomic triton}; do
+for kernels in ${KERNELS:-fused triton}; do
   timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/speed_table.py --parts plain --kernels "$kernels" \
     --budget-s $(( ${SPEED_TIMEOUT:-200} - 30 )) --out "$OUT/speed-$kernels" "$@" 2>&1 | tee "$OUT/speed-$kernels.txt" || status=1
 done
-timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused fused_atomic} | tr ' ' ,)" \
+timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused} | tr ' ' ,)" \
   --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
 mkdir -p "$FINAL_OUT"
 tar czf "$FINAL_OUT/fused-results.tgz" -C "$OUT" .

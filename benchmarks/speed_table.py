@@ -166,7 +166,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--compile-mode", default=None, help="torch.compile mode inside our graphs (default | max-autotune-no-cudagraphs)")
-    parser.add_argument("--kernels", default="fused", help="decoding step: fused | fused_atomic | triton | reference")
+    parser.add_argument("--kernels", default="fused", help="decoding step: fused | triton | reference")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--budget-s", type=float, default=540, help="skip the remaining settings after this")
     parser.add_argument("--out", default="gpu-results/speed")

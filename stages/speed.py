@@ -135,7 +135,7 @@ def main(ctx: StageContext) -> None:
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=DTYPES[dtype]).to(device).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=DTYPES[dtype]).to(device).eval()
     texts = prompt_texts(Path(ctx.cfg.get("prompts_file", "data/prompts/prompts.jsonl")))
-    if settings.kernels in ("fused", "fused_atomic"):
+    if settings.kernels == "fused":
         reason = next(filter(None, (unsupported_reason(m) for m in (target, draft))), None)
         if reason is not None:
             print(f"speed@{ctx.key}: the fused decoding step does not support {reason}; timing with kernels=triton")

@@ -1,4 +1,4 @@
-"""The fused Triton decoding steps (``kernels="fused"`` and ``"fused_atomic"``) against the reference, on CPU.
+"""The fused Triton decoding step (``kernels="fused"``) against the reference, on CPU.
 
 Checked: logits at every block and the caches after ragged commits (KV slots, SSM states, conv
 states) for all-attention and Mamba2 hybrids; Qwen2 biases, a Mistral sliding window and output
@@ -44,9 +44,9 @@ def ragged_rows(lengths, seed=1):
     return [prompts(1, n, seed=seed + i)[0] for i, n in enumerate(lengths)]
 
 
-def sessions(model, batch, max_length, max_block, kernels="fused"):
+def sessions(model, batch, max_length, max_block):
     return (DecodeSession(model, batch, max_length, max_block=max_block, kernels="reference"),
-            DecodeSession(model, batch, max_length, max_block=max_block, kernels=kernels))
+            DecodeSession(model, batch, max_length, max_block=max_block, kernels="fused"))
 
 
 def run_blocks(ref, fused, rows, blocks):
@@ -67,11 +67,11 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("ratio,kernels", [(0.0, "fused"), (0.5, "fused"), (0.5, "fused_atomic")])
-def test_fused_step_equals_reference_logits_and_caches(ratio, kernels):
+@pytest.mark.parametrize("ratio", [0.0, 0.5])
+def test_fused_step_equals_reference_logits_and_caches(ratio):
     """Ragged commits (keeps 0 … T): same logits at every step, same KV, SSM and conv states after."""
     model = hybrid(teacher(0, num_hidden_layers=4), ratio)
-    ref, fused = sessions(model, 3, 32, max_block=5, kernels=kernels)
+    ref, fused = sessions(model, 3, 32, max_block=5)
     plan = block_plan(3, [(5, [0, 2, 5]), (2, [1, 2, 1]), (1, [1, 1, 1])])
     with torch.no_grad():
         diffs = run_blocks(ref, fused, ragged_rows([6, 9, 4]), plan)
@@ -90,11 +90,10 @@ def test_fused_step_equals_reference_logits_and_caches(ratio, kernels):
         assert _rel(b.conv_state(i), a.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("kernels", ["fused", "fused_atomic"])
 @pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("mistral", {"sliding_window": 4}),
                                               ("llama", {"attention_bias": True})],
                          ids=["qwen2-qkv-bias", "mistral-window-4", "llama-all-biases"])
-def test_fused_step_on_other_teacher_families(family, overrides, kernels):
+def test_fused_step_on_other_teacher_families(family, overrides):
     """Qwen2 q/k/v biases, a Mistral sliding window (4 < prompt length), o_proj/out_proj biases: logits = reference."""
     source = tiny_teacher(family, num_hidden_layers=2, **overrides)
     model = hybrid(source, 0.5)
@@ -109,17 +108,16 @@ def test_fused_step_on_other_teacher_families(family, overrides, kernels):
             for layer in model.model.layers:
                 mixer = layer.self_attn if layer.is_attention else layer.mamba
                 (mixer.o_proj if layer.is_attention else mixer.out_proj).bias.normal_(0, 0.5)
-    ref, fused = sessions(model, 2, 32, max_block=3, kernels=kernels)
+    ref, fused = sessions(model, 2, 32, max_block=3)
     with torch.no_grad():
         diffs = run_blocks(ref, fused, ragged_rows([9, 7]), block_plan(2, [(3, [2, 3]), (3, [3, 1])]))
     assert max(diffs) < 1e-4, diffs
 
 
-@pytest.mark.parametrize("kernels", ["fused", "fused_atomic"])
-def test_fused_attention_over_several_key_splits(kernels):
+def test_fused_attention_over_several_key_splits():
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference."""
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
-    ref, fused = sessions(model, 3, 48, max_block=4, kernels=kernels)
+    ref, fused = sessions(model, 3, 48, max_block=4)
     assert fused.cache.max_length == 48
     fused._step.splits = (3, 16)  # what attention_splits gives above 1024 slots, scaled down
     n_splits, split_len = fused._step.splits
@@ -131,13 +129,12 @@ def test_fused_attention_over_several_key_splits(kernels):
     assert fused.lengths.tolist() == [13 + 4 + 2 + 1, 30 + 1 + 4 + 1, 20 + 3 + 4 + 1]
 
 
-@pytest.mark.parametrize("kernels", ["fused", "fused_atomic"])
-def test_fused_step_with_many_rows_takes_the_tiled_matmuls(kernels):
+def test_fused_step_with_many_rows_takes_the_tiled_matmuls():
     """Batch 4 x blocks of 5 = 20 rows, above the GEMV kernels' 16: the tiled matmul kernels = reference."""
     from pipeline.ops.fused_decode import GEMV_MAX_ROWS
 
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
-    ref, fused = sessions(model, 4, 32, max_block=5, kernels=kernels)
+    ref, fused = sessions(model, 4, 32, max_block=5)
     assert 4 * 5 > GEMV_MAX_ROWS
     plan = block_plan(4, [(5, [5, 0, 3, 1]), (5, [2, 5, 5, 4])])
     with torch.no_grad():
@@ -145,14 +142,13 @@ def test_fused_step_with_many_rows_takes_the_tiled_matmuls(kernels):
     assert max(diffs) < 1e-4, diffs
 
 
-@pytest.mark.parametrize("kernels", ["fused", "fused_atomic"])
-def test_fused_greedy_generation_equals_reference(kernels):
+def test_fused_greedy_generation_equals_reference():
     """Plain and speculative (draft = target, K = 3) greedy generation: same tokens, acceptance 1."""
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
     ids = prompts(batch=2, length=6)
     expected = generate(model, ids, max_new_tokens=8, kernels="reference").tokens
-    assert torch.equal(generate(model, ids, max_new_tokens=8, kernels=kernels).tokens, expected)
-    spec = speculative_generate(model, model, ids, k=3, max_new_tokens=8, kernels=kernels)
+    assert torch.equal(generate(model, ids, max_new_tokens=8, kernels="fused").tokens, expected)
+    spec = speculative_generate(model, model, ids, k=3, max_new_tokens=8, kernels="fused")
     assert torch.equal(spec.tokens, expected)
     assert spec.stats.acceptance_rate == 1.0
 

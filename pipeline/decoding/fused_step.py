@@ -10,8 +10,7 @@ Two layout choices come with it, made once per session: the cache keeps each Mam
 inputs in a ring (slot = position mod window, :class:`StaticHybridCache` with ``conv_ring``), so a
 block reads and writes different slots and the heads sharing a KV group need no ordering; and the
 attention's q/k/v weights are concatenated so they take one matmul (a copy: q/k/v weights are held
-twice while a fused session lives, and later changes to the model's weights are not seen by it;
-the atomic plan likewise keeps a transposed copy of each down projection).
+twice while a fused session lives, and later changes to the model's weights are not seen by it).
 """
 
 from __future__ import annotations
@@ -62,30 +61,21 @@ def check_fused(model, device: torch.device) -> None:
 
 
 class FusedStep:
-    """``tokens (b, T) → logits (b, T, V)`` of a hybrid over a ring-layout :class:`StaticHybridCache`.
+    """``tokens (b, T) → logits (b, T, V)`` of a hybrid over a ring-layout :class:`StaticHybridCache`."""
 
-    ``atomic=True`` (``kernels="fused_atomic"``) is the three-launch layer: the residual stream is
-    kept in fp32, the mixer / attention kernel adds its output projection into it by atomic adds,
-    and one kernel does the whole MLP (its down projection likewise). Fewer launches; the price is
-    that atomic adds sum in no fixed order, so results vary in the last bits from run to run.
-    """
-
-    def __init__(self, model, cache: StaticHybridCache, atomic: bool = False):
+    def __init__(self, model, cache: StaticHybridCache):
         from pipeline.ops import fused_decode  # Triton: imported only when asked for
 
         if not cache.conv_ring:
             raise ValueError("the fused step needs a cache with conv_ring=True")
         self.ops = fused_decode
-        self.model, self.cache, self.atomic = model, cache, atomic
+        self.model, self.cache = model, cache
         rotary = model.model.rotary_emb
         self.inv_freq = rotary.inv_freq.float().contiguous()
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.splits = fused_decode.attention_splits(cache.max_length)
         self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.down_t: dict[int, torch.Tensor] = {}  # the atomic plan's MLP reads the down weight by rows
         for layer in model.model.layers:
-            if atomic:
-                self.down_t[layer.layer_idx] = layer.mlp.down_proj.weight.t().contiguous()
             if layer.is_attention:
                 attn = layer.self_attn
                 projections = (attn.q_proj, attn.k_proj, attn.v_proj)
@@ -97,35 +87,26 @@ class FusedStep:
         ops, cache, base = self.ops, self.cache, self.model.model
         b, t = tokens.shape
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
-        if self.atomic:  # fp32 stream the kernels add into, and the spare the MLP writes the next one to
-            hidden = hidden.float()
-            spare = torch.empty_like(hidden)
         window = self.model.config.sliding_window
         for layer in base.layers:
             i, norm = layer.layer_idx, layer.input_layernorm
-            streams = (hidden, spare) if self.atomic else None
             if layer.is_attention:
                 attn, (weight, bias) = layer.self_attn, self.qkv[i]
                 qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
-                                    attn.scaling, attn.num_heads, b, t, window, self.splits, o_proj=attn.o_proj,
-                                    streams=streams)
+                                    attn.scaling, attn.num_heads, b, t, window, self.splits)
                 out_proj = attn.o_proj
             else:
                 mixer = layer.mamba
                 proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
                 out = ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
-                                       cache.ssm_states[i], cache.history[i], b, t, streams=streams)
+                                       cache.ssm_states[i], cache.history[i], b, t)
                 out_proj = mixer.out_proj
             post, mlp = layer.post_attention_layernorm, layer.mlp
-            if self.atomic:  # the mixer added its projection into ``hidden`` and zeroed ``spare``
-                ops.mlp_accumulate(hidden, post.weight, post.variance_epsilon, mlp, self.down_t[i], spare)
-                hidden, spare = spare, hidden
-            else:
-                hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)
-                act = ops.norm_linear(hidden, post.weight, post.variance_epsilon, mlp.gate_proj.weight,
-                                      up_weight=mlp.up_proj.weight)
-                hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
+            hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)
+            act = ops.norm_linear(hidden, post.weight, post.variance_epsilon, mlp.gate_proj.weight,
+                                  up_weight=mlp.up_proj.weight)
+            hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
         head = self.model.lm_head
         logits = ops.norm_linear(hidden, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)
         return logits.view(b, t, -1)

@@ -67,7 +67,7 @@ class DecodeSession:
         max_length = -(-max_length // 16) * 16  # aligned key length: fused SDPA kernels accept the mask
         param = next(self.model.parameters())
         self.device, self.dtype = param.device, param.dtype
-        fused = kernels in ("fused", "fused_atomic")
+        fused = kernels == "fused"
         if fused:
             check_fused(self.model, self.device)
             if compile_mode:
@@ -80,7 +80,7 @@ class DecodeSession:
         if self.use_graphs and self.device.type != "cuda":
             raise PipelineError("CUDA graphs need a CUDA model", fix="pass cuda_graphs=False (or None) on CPU")
         if fused:
-            step = FusedStep(self.model, self.cache, atomic=kernels == "fused_atomic")
+            step = FusedStep(self.model, self.cache)
         else:
             step = functools.partial(forward_block, self.model, self.cache, kernels=kernels)
         self._step = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step

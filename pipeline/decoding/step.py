@@ -25,7 +25,7 @@ from pipeline.decoding.static_cache import StaticHybridCache
 from pipeline.models.modeling_hybrid import HybridMambaForCausalLM, repeat_heads
 from pipeline.ops.selective_scan import effective_delta
 
-KERNELS = ("reference", "triton", "fused", "fused_atomic")  # fused*: pipeline.decoding.fused_step
+KERNELS = ("reference", "triton", "fused")  # fused: pipeline.decoding.fused_step
 
 
 def attention_mask(positions: torch.Tensor, max_length: int, sliding_window: int | None) -> torch.Tensor:

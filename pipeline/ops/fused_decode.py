@@ -51,7 +51,6 @@ def _pdl() -> bool:
             and gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
-PROJECTION_BLOCK = 64  # output columns per atomic chunk in the "atomic" layer plan
 BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
 BLOCK_K = 64
 
@@ -246,60 +245,6 @@ if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU only; these two kernel
     _gemv_residual_kernel = _autotuned(_gemv_residual_kernel, ["N", "K", "M"])
 
 
-@triton.jit
-def _mlp_accumulate_kernel(
-    x_ptr, nw_ptr, wg_ptr, wu_ptr, wdt_ptr, out_ptr,
-    M, I, K, eps, s_xm, s_wn, s_wdt, s_om,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """``out = x + down(silu(gate(n)) · up(n))`` with ``n = RMSNorm(x)``, one launch for the whole MLP.
-
-    A program owns BLOCK_N intermediate channels: it computes their activations and adds their
-    share of the down projection into ``out`` (zeroed by the mixer kernel before) by one relaxed
-    atomic add per row; program 0 also adds ``x``. The down weight comes transposed (I, K), so a
-    program's share is BLOCK_N whole rows, read as coalesced as the gate and up rows.
-    """
-    if USE_PDL:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n = offs_n < I
-    mask_k = offs_k < K
-    dtype = wg_ptr.dtype.element_ty
-    w_mask = mask_n[:, None] & mask_k[None, :]
-    wg = tl.load(wg_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
-    wu = tl.load(wu_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
-    wdt = tl.load(wdt_ptr + offs_n[:, None] * s_wdt + offs_k[None, :], mask=w_mask, other=0.0)
-    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()
-    for m in range(0, M):
-        x = tl.load(x_ptr + m * s_xm + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xn = _rms_norm_row(x, nw, K, eps, dtype)
-        act = _silu_mul(tl.sum(wg.to(tl.float32) * xn[None, :], axis=1), tl.sum(wu.to(tl.float32) * xn[None, :], axis=1), dtype)
-        part = tl.sum(wdt.to(tl.float32) * act[:, None], axis=0)
-        part += tl.where(pid == 0, x, 0.0)
-        tl.atomic_add(out_ptr + m * s_om + offs_k, part, mask=mask_k, sem="relaxed")
-
-
-def mlp_accumulate(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, mlp, down_t: torch.Tensor,
-                   out: torch.Tensor) -> None:
-    """``out += x + mlp(RMSNorm(x))`` for the fp32 streams x, out (M, hidden); ``out`` must start at zero.
-
-    ``down_t``: ``mlp.down_proj.weight`` transposed and contiguous (intermediate, hidden).
-    """
-    m, k = x.shape
-    inter = mlp.gate_proj.weight.shape[0]
-    block_k = triton.next_power_of_2(k)
-    block_n = max(1, min(16, 4096 // block_k))
-    _mlp_accumulate_kernel[(triton.cdiv(inter, block_n),)](
-        x, norm_weight, mlp.gate_proj.weight, mlp.up_proj.weight, down_t, out,
-        m, inter, k, eps, x.stride(0), mlp.gate_proj.weight.stride(0), down_t.stride(0), out.stride(0),
-        BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=_pdl(), launch_pdl=_pdl(),
-    )
-
-
 def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
     """(BLOCK_N, BLOCK_K): all of K per program, about 8k weights per program (64 per thread)."""
     block_k = triton.next_power_of_2(k)
@@ -364,34 +309,6 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
 
 
 @triton.jit
-def _accumulate_projection(v, offs_v, mask_v, w_ptr, s_wn, col0, bias_ptr, with_bias, out_ptr,
-                           HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``out[:HIDDEN] += W[:, col0 + offs_v] @ v`` (+ the bias where ``with_bias``), by atomic adds.
-
-    The split-K half of the "atomic" layer plan: each program adds its slice of an output
-    projection straight into the fp32 residual stream, so no separate matmul launch is needed.
-    """
-    for h0 in tl.static_range(0, HIDDEN, BLOCK_H):
-        offs_h = h0 + tl.arange(0, BLOCK_H)
-        mask_h = offs_h < HIDDEN
-        w = tl.load(w_ptr + offs_h[:, None] * s_wn + (col0 + offs_v)[None, :], mask=mask_h[:, None] & mask_v[None, :],
-                    other=0.0)
-        part = tl.sum(w.to(tl.float32) * v[None, :], axis=1)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_h, mask=mask_h & with_bias, other=0.0)
-            part += bias.to(tl.float32)
-        tl.atomic_add(out_ptr + offs_h, part, mask=mask_h, sem="relaxed")
-
-
-@triton.jit
-def _zero_rows(ptr, row0, rows, s_m, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr):
-    for r in range(0, rows):
-        for h0 in tl.static_range(0, HIDDEN, BLOCK_H):
-            offs_h = h0 + tl.arange(0, BLOCK_H)
-            tl.store(ptr + (row0 + r) * s_m + offs_h, tl.zeros([BLOCK_H], dtype=tl.float32), mask=offs_h < HIDDEN)
-
-
-@triton.jit
 def _softplus(x):
     """``log1p(exp(x))`` (threshold 20, as F.softplus); log1p by Goldberg's ``log(u)·y/(u-1)``, exact to ulps."""
     y = tl.exp(x)
@@ -426,7 +343,6 @@ def _mamba2_mixer_kernel(
     proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, lengths_ptr, replay_ptr,
     state_ptr, hx_ptr, hdt_ptr, hb_ptr,
     a_log_ptr, dt_bias_ptr, d_ptr, norm_w_ptr, y_ptr,
-    wo_ptr, wo_bias_ptr, resid_ptr, spare_ptr, s_won, s_rm,
     H, HEADS_PER_GROUP, D_INNER, D_XB, W, eps,
     s_pm, s_wb, s_wc,
     s_sb, s_sh, s_sp,
@@ -436,7 +352,6 @@ def _mamba2_mixer_kernel(
     s_ym,
     T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr,
     HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
-    OUT_PROJ: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_OUT_BIAS: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -495,12 +410,7 @@ def _mamba2_mixer_kernel(
         z = tl.load(proj_ptr + row * s_pm + h * P + offs_p).to(tl.float32)
         gated = y * (z / (1.0 + tl.exp(-z)))
         gated = gated / tl.sqrt(tl.sum(gated * gated, axis=0) / P + eps)
-        if OUT_PROJ:  # out_proj of this head's slice, added into the residual stream
-            y_out = (gated * norm_w).to(dtype).to(tl.float32)
-            _accumulate_projection(y_out, h * P + offs_p, offs_p >= 0, wo_ptr, s_won, 0, wo_bias_ptr, h == 0,
-                                   resid_ptr + row * s_rm, HIDDEN, BLOCK_H, HAS_OUT_BIAS)
-        else:
-            tl.store(y_ptr + row * s_ym + h * P + offs_p, (gated * norm_w).to(y_ptr.dtype.element_ty))
+        tl.store(y_ptr + row * s_ym + h * P + offs_p, (gated * norm_w).to(y_ptr.dtype.element_ty))
         # the token's raw conv inputs enter the ring at its own slot: later tokens of this block read
         # the in-proj output instead, and the slots read above (positions < pos0) differ from it
         slot = (pos0 + t) % W
@@ -509,33 +419,24 @@ def _mamba2_mixer_kernel(
         tl.store(ring + cx * s_wc, tl.load(inputs + cx).to(window_ptr.dtype.element_ty))
         tl.store(ring + cb * s_wc, tl.load(inputs + cb).to(window_ptr.dtype.element_ty))
         tl.store(ring + cc * s_wc, tl.load(inputs + cc).to(window_ptr.dtype.element_ty))
-    if OUT_PROJ:
-        if h == 0:  # the MLP after this kernel accumulates into the spare stream: start it at zero
-            _zero_rows(spare_ptr, row0, T, s_rm, HIDDEN, BLOCK_H)
 
 
 def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor,
-                 state: torch.Tensor, history: dict[str, torch.Tensor], batch: int, tokens: int,
-                 streams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                 state: torch.Tensor, history: dict[str, torch.Tensor], batch: int, tokens: int) -> torch.Tensor:
     """The Mamba2 mixer after ``in_proj``: ``proj`` (b·T, in_proj width) → gated-normed y (b·T, d_inner).
 
     ``window`` (b, conv_dim, W) is the conv ring (slot = position mod W); ``state`` the verified SSM
     state (b, h, p, n, fp32), advanced in place by ``replay[r]`` steps of ``history`` (x, dt, B
-    per head), whose first T slots then hold this block's inputs. With ``streams`` (the fp32
-    residual stream and a spare one) it adds ``out_proj(y)`` into the first, zeroes the second
-    for the MLP, and returns None.
+    per head), whose first T slots then hold this block's inputs.
     """
     h, p, n = mixer.num_heads, mixer.head_dim, mixer.d_state
-    resid, spare = streams if streams is not None else (proj, proj)
-    out = mixer.out_proj
-    y = proj if streams is not None else torch.empty(proj.shape[0], mixer.d_inner, device=proj.device, dtype=proj.dtype)
+    y = torch.empty(proj.shape[0], mixer.d_inner, device=proj.device, dtype=proj.dtype)
     conv_w = mixer.conv1d.weight.squeeze(1)
     hx, hdt, hb = history["x"], history["dt"], history["B"]
     _mamba2_mixer_kernel[(batch * h,)](
         proj, window, conv_w, mixer.conv1d.bias if mixer.conv1d.bias is not None else conv_w, lengths, replay,
         state, hx, hdt, hb,
         mixer.A_log, mixer.dt_bias, mixer.D, mixer.norm.weight, y,
-        out.weight, out.bias if out.bias is not None else out.weight, resid, spare, out.weight.stride(0), resid.stride(0),
         h, h // mixer.num_kv_heads, mixer.d_inner, mixer.d_xb, window.shape[-1], mixer.norm.eps,
         proj.stride(0), window.stride(0), window.stride(1),
         state.stride(0), state.stride(1), state.stride(2),
@@ -544,10 +445,9 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
         T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
-        USE_PDL=_pdl(), OUT_PROJ=streams is not None, HIDDEN=out.weight.shape[0], BLOCK_H=PROJECTION_BLOCK,
-        HAS_OUT_BIAS=out.bias is not None, launch_pdl=_pdl(),
+        USE_PDL=_pdl(), launch_pdl=_pdl(),
     )
-    return None if streams is not None else y
+    return y
 
 
 # --- attention ----------------------------------------------------------------------------------
@@ -568,12 +468,10 @@ def _rotate(ptr, offs_d, pos, inv_freq, rope_scale, dtype, D: tl.constexpr):
 @triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    wo_ptr, wo_bias_ptr, resid_ptr, spare_ptr, s_won, s_rm,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
     HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-    OUT_PROJ: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr, HAS_OUT_BIAS: tl.constexpr, R_MAX: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -644,19 +542,8 @@ def _attention_kernel(
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
-        if OUT_PROJ:  # o_proj of each query row's head slice, added into the residual stream
-            out = out.to(dtype).to(tl.float32)
-            for r in tl.static_range(R_MAX):
-                o_row = tl.sum(tl.where((offs_r == r)[:, None], out, 0.0), axis=0)
-                head = kvh * REP + r // T
-                _accumulate_projection(o_row, head * D + offs_d, offs_d >= 0, wo_ptr, s_won, 0, wo_bias_ptr,
-                                       (kvh == 0) & (r // T == 0), resid_ptr + (b * T + r % T) * s_rm,
-                                       HIDDEN, BLOCK_H, HAS_OUT_BIAS)
-            if kvh == 0:
-                _zero_rows(spare_ptr, b * T, T, s_rm, HIDDEN, BLOCK_H)
-        else:
-            o_ptrs = out_ptr + (b * T + t_r)[:, None] * s_om + head_r[:, None] * D + offs_d[None, :]
-            tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+        o_ptrs = out_ptr + (b * T + t_r)[:, None] * s_om + head_r[:, None] * D + offs_d[None, :]
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
     else:
         row = b * T + t_r
         pa = part_acc_ptr + split * s_pa_s + row[:, None] * s_pa_m + head_r[:, None] * D + offs_d[None, :]
@@ -669,10 +556,7 @@ def _attention_kernel(
 @triton.jit
 def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
                               s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om,
-                              wo_ptr, wo_bias_ptr, resid_ptr, spare_ptr, s_won, s_rm,
-                              D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr,
-                              OUT_PROJ: tl.constexpr, HIDDEN: tl.constexpr, BLOCK_H: tl.constexpr,
-                              HAS_OUT_BIAS: tl.constexpr):
+                              D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -689,14 +573,7 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
     acc = tl.load(part_acc_ptr + offs_s[:, None] * s_pa_s + row * s_pa_m + head * D + offs_d[None, :],
                   mask=mask_s[:, None], other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-    if OUT_PROJ:
-        out = out.to(out_ptr.dtype.element_ty).to(tl.float32)
-        _accumulate_projection(out, head * D + offs_d, offs_d >= 0, wo_ptr, s_won, 0, wo_bias_ptr, head == 0,
-                               resid_ptr + row * s_rm, HIDDEN, BLOCK_H, HAS_OUT_BIAS)
-        if head == 0:
-            _zero_rows(spare_ptr, row, 1, s_rm, HIDDEN, BLOCK_H)
-    else:
-        tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
+    tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 def attention_splits(max_length: int, split_len: int = 128) -> tuple[int, int]:
@@ -714,14 +591,11 @@ def attention_splits(max_length: int, split_len: int = 128) -> tuple[int, int]:
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
               inv_freq: torch.Tensor, rope_scale: float, scale: float, num_heads: int, batch: int, tokens: int,
-              sliding_window: int | None, splits: tuple[int, int], o_proj=None,
-              streams: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+              sliding_window: int | None, splits: tuple[int, int]) -> torch.Tensor:
     """Attention of a block: ``qkv`` (b·T, (h + 2·kv)·d) un-rotated → output (b·T, h·d); writes the KV cache.
 
     ``keys``/``values`` (b, kv, max_length, d): the block's token ``t`` of row ``r`` goes to slot
-    ``lengths[r] + t`` and attends to slots up to its own. With ``streams`` (the fp32 residual
-    stream and a spare one) it adds ``o_proj(output)`` into the first, zeroes the second for the
-    MLP, and returns None; without, ``o_proj`` is not used.
+    ``lengths[r] + t`` and attends to slots up to its own.
     """
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
@@ -732,25 +606,18 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_ml = torch.empty(n_splits, qkv.shape[0], num_heads * 2, device=qkv.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    block_r = max(16, triton.next_power_of_2(rep * tokens))
-    o_proj = o_proj if streams is not None else None  # only the atomic plan projects in-kernel
-    fused_out = dict(OUT_PROJ=streams is not None, HIDDEN=o_proj.weight.shape[0] if o_proj is not None else 1,
-                     BLOCK_H=PROJECTION_BLOCK, HAS_OUT_BIAS=o_proj is not None and o_proj.bias is not None)
-    resid, spare = streams if streams is not None else (out, out)
-    wo = o_proj.weight if o_proj is not None else out
-    wo_args = (wo, o_proj.bias if fused_out["HAS_OUT_BIAS"] else wo, resid, spare, wo.stride(0), resid.stride(0))
     _attention_kernel[(batch * kv_heads, n_splits)](
-        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml, *wo_args,
+        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=block_r, BLOCK_L=64, SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
-        PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), R_MAX=rep * tokens, **fused_out, launch_pdl=_pdl(),
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=64, SPLITS=n_splits,
+        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), launch_pdl=_pdl(),
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
             part_acc, part_ml, out, num_heads, n_splits,
-            part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0), *wo_args,
-            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), **fused_out, launch_pdl=_pdl(),
+            part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
+            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(),
         )
-    return None if streams is not None else out
+    return out
