@@ -4,8 +4,8 @@
 # included as the baseline of the same call, then their parity with the reference (last: its
 # first-use compiling and autotuning is the slow part). Random weights: speed does not depend on them.
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]
-# Everything lands in $OUT/fused-results.tgz (the device tool brings back few files), and the
-# Triton cache in $OUT/triton.tgz (carry it as .gpucache/triton.tgz next time).
+# Everything lands in $OUT/fused-results.tgz (the device tool brings back few files); with
+# PACK_TRITON_CACHE=1 the Triton cache too, in $OUT/triton.tgz (carry it as .gpucache/triton.tgz).
 # Knobs (environment): FUSED="fused" (profiled and checked kinds), PDL_MODES="1 0",
 # KERNELS="fused triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
 set -uo pipefail
@@ -27,5 +27,5 @@ timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(e
   --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
 mkdir -p "$FINAL_OUT"
 tar czf "$FINAL_OUT/fused-results.tgz" -C "$OUT" .
-pack_triton_cache "$FINAL_OUT/triton.tgz"
+[ "${PACK_TRITON_CACHE:-0}" = 1 ] && pack_triton_cache "$FINAL_OUT/triton.tgz"
 exit $status
