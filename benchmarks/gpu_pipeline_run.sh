@@ -14,7 +14,8 @@
 #   3. repro    carry .gpu/teacher.part1 .gpu/teacher.sha256
 #               join and check the GGUF, then the whole graph (params-gpu.yaml) through the flow's
 #               thread runner (`python -m pipeline.flow --runner threads --jobs $JOBS`: independent
-#               stages side by side on the GPU, speed@* alone) for up to REPRO_TIMEOUT s
+#               stages side by side on the GPU, speed@* alone) for up to REPRO_TIMEOUT s; TARGETS (a
+#               space-separated list of stages) runs only those and what they need
 #   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
 #               (the whole graph on one H100 took three 9-minute repro calls in run 2026-11-25d, before the
 #               draft_tune stages existed; a machine is held at most 30 minutes, so with REPRO_TIMEOUT=540
@@ -79,8 +80,16 @@ repro)
   if [ -f /tmp/reports.gpu.tar ]; then tar -xf /tmp/reports.gpu.tar; fi
   # the whole graph, independent stages side by side; a timeout kills the process group, and the
   # next call resumes (DVC skips finished stages, training stages continue from their checkpoints)
-  timeout -k 10 "${REPRO_TIMEOUT:-540}" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" 2>&1 | tee -a "$OUT/repro.log"
-  status=${PIPESTATUS[0]}
+  # TARGETS="speed@0.5 speed@teacher": only those stages and what they need, one after the other
+  status=0
+  for target in ${TARGETS:-all}; do
+    left=$(( ${REPRO_TIMEOUT:-540} - ($(date +%s) - started) ))
+    [ "$left" -gt 10 ] || { status=124; break; }
+    args=(); [ "$target" = all ] || args=(--target "$target")
+    timeout -k 10 "$left" python3 -m pipeline.flow --runner threads --jobs "${JOBS:-4}" "${args[@]}" 2>&1 | tee -a "$OUT/repro.log"
+    status=${PIPESTATUS[0]}
+    [ "$status" = 0 ] || break
+  done
   cp dvc.lock /tmp/dvc.lock.gpu 2>/dev/null
   tar -cf /tmp/reports.gpu.tar $REPORTS 2>/dev/null
   python3 benchmarks/stage_times.py 2>&1 | tee "$OUT/stage_times.txt"

@@ -240,7 +240,10 @@ def _autotuned(kernel, key: list[str]):
         return triton.autotune(configs, key=key)(kernel)
 
 
-if os.environ.get("TRITON_INTERPRET") != "1":  # on a GPU only; these two kernels are pure, so re-running is safe
+# On a GPU only (these two kernels are pure, so re-running them is safe). PIPELINE_FUSED_AUTOTUNE=0
+# keeps Triton's default warps: each (shape, rows, dtype) compiles once instead of four times; the
+# arithmetic per row is the same, only the speed may differ.
+if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("PIPELINE_FUSED_AUTOTUNE", "1") != "0":
     _norm_gemv_kernel = _autotuned(_norm_gemv_kernel, ["N", "K", "M", "SWIGLU"])
     _gemv_residual_kernel = _autotuned(_gemv_residual_kernel, ["N", "K", "M"])
 

@@ -1,0 +1,62 @@
+"""Greedy speculative decoding = plain greedy decoding, swept over decoding settings on the GPU.
+
+For a random SmolLM2-shaped 50% Mamba2 hybrid (fp32, draft = the model itself, so every proposal
+must be accepted) and each (kernels, CUDA graphs, K): mismatched tokens of plain decoding against
+eager reference decoding, and of speculative against plain decoding, with the first mismatching
+position. Which settings break narrows down where a GPU-only fault lives (graph capture, kernel
+concurrency, programmatic dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
+
+    python benchmarks/spec_greedy_sweep.py [--layers 30] [--kernels fused,triton] [--k 1,2,4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
+from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
+
+
+def mismatches(a: torch.Tensor, b: torch.Tensor) -> str:
+    wrong = (a != b).nonzero()
+    return "0" if len(wrong) == 0 else f"{len(wrong)} (first at row {wrong[0, 0].item()}, token {wrong[0, 1].item()})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--kernels", default="fused,triton")
+    parser.add_argument("--k", default="1,2,4")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--bf16-roundtrip", action="store_true", help="weights rounded to bf16 first (as fused_parity leaves them)")
+    args = parser.parse_args()
+    teacher = smollm2_like(args.layers, "cuda", quick=False)
+    model = build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()
+    if args.bf16_roundtrip:
+        model.to(torch.bfloat16).to(torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen).cuda()
+    expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False).tokens
+    print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, fp32")
+    print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
+    failed = False
+    for kernels in args.kernels.split(","):
+        for graphs in (True, False):
+            plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs).tokens
+            for k in map(int, args.k.split(",")):
+                spec = speculative_generate(model, model, ids, k=k, max_new_tokens=args.new_tokens, kernels=kernels,
+                                            cuda_graphs=graphs)
+                a, b = mismatches(plain, expected), mismatches(spec.tokens, plain)
+                failed |= a != "0" or b != "0"
+                print(f"{kernels:<8} {str(graphs):<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
