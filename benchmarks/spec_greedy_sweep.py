@@ -1,7 +1,7 @@
 """Greedy speculative decoding = plain greedy decoding, swept over decoding settings on the GPU.
 
-For a random SmolLM2-shaped 50% Mamba2 hybrid (fp32, draft = the model itself, so every proposal
-must be accepted) and each (kernels, CUDA graphs, K): mismatched tokens of plain decoding against
+For a random SmolLM2-shaped 50% Mamba2 hybrid (fp32; draft = the model itself, so every proposal
+must be accepted, or a perturbed copy of it for partial acceptance; optionally an EOS id) and each (kernels, CUDA graphs, K): mismatched tokens of plain decoding against
 eager reference decoding, and of speculative against plain decoding, with the first mismatching
 position. Which settings break narrows down where a GPU-only fault lives (graph capture, kernel
 concurrency, programmatic dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
@@ -12,6 +12,7 @@ concurrency, programmatic dependent launch: run once with PIPELINE_FUSED_PDL=0 a
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -35,23 +36,37 @@ def main() -> int:
     parser.add_argument("--k", default="1,2,4")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--bf16-roundtrip", action="store_true", help="weights rounded to bf16 first (as fused_parity leaves them)")
+    parser.add_argument("--draft-noise", type=float, default=0.0,
+                        help="draft = the model with its weights perturbed by this relative noise (partial acceptance)")
+    parser.add_argument("--eos", type=int, default=None,
+                        help="an EOS id; -1: a token greedy decoding emits early in row 0, so rows stop at different rounds")
     args = parser.parse_args()
     teacher = smollm2_like(args.layers, "cuda", quick=False)
     model = build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()
     if args.bf16_roundtrip:
         model.to(torch.bfloat16).to(torch.float32)
+    draft = model
+    if args.draft_noise:
+        draft = copy.deepcopy(model)
+        with torch.no_grad():
+            for p in draft.parameters():
+                p.add_(torch.randn_like(p) * p.float().std().nan_to_num(0.0) * args.draft_noise)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen).cuda()
-    expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False).tokens
-    print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, fp32")
+    if args.eos == -1:
+        args.eos = int(generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False).tokens[0, args.new_tokens // 3])
+    expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False, eos_token_id=args.eos).tokens
+    print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, fp32, "
+          f"eos {args.eos}, draft noise {args.draft_noise}")
     print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
     failed = False
     for kernels in args.kernels.split(","):
         for graphs in (True, False):
-            plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs).tokens
+            plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs,
+                             eos_token_id=args.eos).tokens
             for k in map(int, args.k.split(",")):
-                spec = speculative_generate(model, model, ids, k=k, max_new_tokens=args.new_tokens, kernels=kernels,
-                                            cuda_graphs=graphs)
+                spec = speculative_generate(model, draft, ids, k=k, max_new_tokens=args.new_tokens, kernels=kernels,
+                                            cuda_graphs=graphs, eos_token_id=args.eos)
                 a, b = mismatches(plain, expected), mismatches(spec.tokens, plain)
                 failed |= a != "0" or b != "0"
                 print(f"{kernels:<8} {str(graphs):<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}", flush=True)
