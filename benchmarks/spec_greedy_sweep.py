@@ -36,6 +36,7 @@ def main() -> int:
     parser.add_argument("--k", default="1,2,4")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--bf16-roundtrip", action="store_true", help="weights rounded to bf16 first (as fused_parity leaves them)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--draft-noise", type=float, default=0.0,
                         help="draft = the model with its weights perturbed by this relative noise (partial acceptance)")
     parser.add_argument("--eos", type=int, default=None,
@@ -45,6 +46,7 @@ def main() -> int:
     model = build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()
     if args.bf16_roundtrip:
         model.to(torch.bfloat16).to(torch.float32)
+    model.to(getattr(torch, args.dtype))
     draft = model
     if args.draft_noise:
         draft = copy.deepcopy(model)
@@ -56,7 +58,7 @@ def main() -> int:
     if args.eos == -1:
         args.eos = int(generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False).tokens[0, args.new_tokens // 3])
     expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False, eos_token_id=args.eos).tokens
-    print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, fp32, "
+    print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, {args.dtype}, "
           f"eos {args.eos}, draft noise {args.draft_noise}")
     print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
     failed = False
