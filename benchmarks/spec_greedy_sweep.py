@@ -20,7 +20,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
-from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
+from pipeline.decoding.draft import build_draft  # noqa: E402
+from pipeline.decoding.speculative import SpeculativeDecoder, generate, required_length, speculative_generate  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 
 
@@ -32,6 +33,7 @@ def mismatches(a: torch.Tensor, b: torch.Tensor) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--device", default="cuda")
     parser.add_argument("--kernels", default="fused,triton")
     parser.add_argument("--k", default="1,2,4")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -39,22 +41,26 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--draft-noise", type=float, default=0.0,
                         help="draft = the model with its weights perturbed by this relative noise (partial acceptance)")
+    parser.add_argument("--draft-layers", type=int, default=0,
+                        help="draft = this many of the teacher's layers (pipeline.decoding.draft.build_draft), undistilled")
     parser.add_argument("--eos", type=int, default=None,
                         help="an EOS id; -1: a token greedy decoding emits early in row 0, so rows stop at different rounds")
     args = parser.parse_args()
-    teacher = smollm2_like(args.layers, "cuda", quick=False)
+    teacher = smollm2_like(args.layers, args.device, quick=args.device == "cpu")
     model = build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()
     if args.bf16_roundtrip:
         model.to(torch.bfloat16).to(torch.float32)
     model.to(getattr(torch, args.dtype))
     draft = model
+    if args.draft_layers:
+        draft = build_draft(teacher, args.draft_layers).to(getattr(torch, args.dtype)).eval()
     if args.draft_noise:
         draft = copy.deepcopy(model)
         with torch.no_grad():
             for p in draft.parameters():
                 p.add_(torch.randn_like(p) * p.float().std().nan_to_num(0.0) * args.draft_noise)
     gen = torch.Generator().manual_seed(1)
-    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen).cuda()
+    ids = torch.randint(1, model.config.vocab_size, (2, 9), generator=gen).to(args.device)
     if args.eos == -1:
         args.eos = int(generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False).tokens[0, args.new_tokens // 3])
     expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False, eos_token_id=args.eos).tokens
@@ -63,13 +69,19 @@ def main() -> int:
     print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
     failed = False
     for kernels in args.kernels.split(","):
-        for graphs in (True, False):
+        for graphs in (True, False) if args.device == "cuda" else (False,):
             plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs,
                              eos_token_id=args.eos).tokens
             for k in map(int, args.k.split(",")):
                 spec = speculative_generate(model, draft, ids, k=k, max_new_tokens=args.new_tokens, kernels=kernels,
                                             cuda_graphs=graphs, eos_token_id=args.eos)
+                # the same decoder again, as the speed stage times it: full length, one token, full length
+                decoder = SpeculativeDecoder(model, draft, k, ids.shape[0], required_length(ids.shape[1], args.new_tokens, k),
+                                             kernels=kernels, cuda_graphs=graphs)
+                for n in (args.new_tokens, 1, args.new_tokens):
+                    again = decoder.generate(ids, max_new_tokens=n, eos_token_id=args.eos)
                 a, b = mismatches(plain, expected), mismatches(spec.tokens, plain)
+                b += "" if torch.equal(again.tokens, spec.tokens) else " (reused decoder differs)"
                 failed |= a != "0" or b != "0"
                 print(f"{kernels:<8} {str(graphs):<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}", flush=True)
     return 1 if failed else 0
