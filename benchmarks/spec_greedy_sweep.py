@@ -34,6 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--graphs", default="on,off", help="CUDA graphs on, off or both (on,off)")
     parser.add_argument("--kernels", default="fused,triton")
     parser.add_argument("--k", default="1,2,4")
     parser.add_argument("--new-tokens", type=int, default=48)
@@ -69,7 +70,7 @@ def main() -> int:
     print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
     failed = False
     for kernels in args.kernels.split(","):
-        for graphs in (True, False) if args.device == "cuda" else (False,):
+        for graphs in [mode == "on" for mode in args.graphs.split(",") if args.device == "cuda" or mode == "off"]:
             plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs,
                              eos_token_id=args.eos).tokens
             for k in map(int, args.k.split(",")):
