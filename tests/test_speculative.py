@@ -225,12 +225,28 @@ def test_graph_session_eager_path_equals_plain_generate():
         DecodeSession(teacher(0), 1, 16, cuda_graphs=True)
 
 
-def test_reused_decoders_match_fresh_calls_across_lengths_and_eos():
-    """The kept greedy loop and round reset between calls that change max_new_tokens and EOS."""
+def test_greedy_host_loop_is_lossless():
+    """The greedy host loop (what decoding under CUDA graphs takes) = plain greedy, perfect and random drafts."""
+    target, bad_draft = hybrid(0.5), teacher(seed=7, num_hidden_layers=2)
+    ids = prompts()
+    expected = generate(target, ids, max_new_tokens=16).tokens
+    for k in (1, 3, 6):
+        for draft, perfect in ((target, True), (bad_draft, False)):
+            decoder = SpeculativeDecoder(target, draft, k, batch_size=2, max_length=7 + 16 + 2 * (k + 1) + 1)
+            decoder.device_rounds = False
+            out = decoder.generate(ids, max_new_tokens=16)
+            assert torch.equal(out.tokens, expected), (k, perfect)
+            assert (out.stats.acceptance_rate == 1.0) if perfect else (out.stats.acceptance_rate < 0.15), (k, perfect)
+
+
+@pytest.mark.parametrize("device_rounds", [True, False], ids=["device-rounds", "host-loop"])
+def test_reused_decoders_match_fresh_calls_across_lengths_and_eos(device_rounds):
+    """The kept greedy loop and round (or the host loop CUDA graphs use) reset between calls that change max_new_tokens and EOS."""
     model, draft = hybrid(0.5), teacher(2, num_hidden_layers=2)
     ids = prompts(batch=2, length=6)
     plain = PlainDecoder(model, batch_size=2, max_length=40)
     spec = SpeculativeDecoder(model, draft, 3, batch_size=2, max_length=48)
+    spec.device_rounds = device_rounds
     expected = generate(model, ids, max_new_tokens=12).tokens
     eos = int(expected[0, 4])  # a token the first row emits mid-way
     for n, stop in ((12, None), (1, None), (7, eos), (12, None), (12, eos)):
