@@ -14,6 +14,7 @@ from pipeline.decoding.speculative import (
     Sampling,
     SpeculativeDecoder,
     generate,
+    required_length,
     speculative_generate,
 )
 from pipeline.errors import PipelineError
@@ -232,7 +233,7 @@ def test_greedy_host_loop_is_lossless():
     expected = generate(target, ids, max_new_tokens=16).tokens
     for k in (1, 3, 6):
         for draft, perfect in ((target, True), (bad_draft, False)):
-            decoder = SpeculativeDecoder(target, draft, k, batch_size=2, max_length=7 + 16 + 2 * (k + 1) + 1)
+            decoder = SpeculativeDecoder(target, draft, k, batch_size=2, max_length=required_length(7, 16, k))
             decoder.device_rounds = False
             out = decoder.generate(ids, max_new_tokens=16)
             assert torch.equal(out.tokens, expected), (k, perfect)

@@ -442,8 +442,7 @@ class SpeculativeDecoder:
 
         def body():
             active = ~st["done"]
-            drafts, _ = self._draft_proposals(st["pending"], st["pending_len"], active, draft.step,
-                                              lambda logits: (logits.argmax(-1), None))
+            drafts, _ = self._draft_proposals(st["pending"], st["pending_len"], active, draft.step, _greedy_choice)
             # the target verifies; it keeps the accepted drafts and its own next token
             target_logits = target.step(torch.cat([st["last"][:, None], drafts], dim=1))
             accepted, nxt = _accept(target_logits, drafts, None, GREEDY, None)
@@ -469,8 +468,7 @@ class SpeculativeDecoder:
     def _propose(self, pending, pending_len, active, sampling, generator):
         """K draft tokens (b, K) and, when sampling, their distributions (b, K, V) (greedy: None)."""
         if not sampling.do_sample:
-            drafts, _ = self._draft_proposals(pending, pending_len, active, self.draft.extend,
-                                              lambda logits: (logits.argmax(-1), None))
+            drafts, _ = self._draft_proposals(pending, pending_len, active, self.draft.extend, _greedy_choice)
             return drafts, None
 
         def sample(logits):
@@ -505,6 +503,11 @@ class SpeculativeDecoder:
                 draft.commit(torch.ones_like(pending_len))
         draft.restore()
         return torch.stack(tokens, dim=1), extras
+
+
+def _greedy_choice(logits):
+    """A draft's greedy proposal for :meth:`SpeculativeDecoder._draft_proposals`: its argmax, nothing beside."""
+    return logits.argmax(-1), None
 
 
 def _accept(target_logits, drafts, draft_probs, sampling: Sampling, generator):
