@@ -1,14 +1,17 @@
 """Greedy speculative decoding = plain greedy decoding, swept over decoding settings on the GPU.
 
-For a random SmolLM2-shaped 50% Mamba2 hybrid (fp32; draft = the model itself, so every proposal
-must be accepted, or a perturbed copy of it for partial acceptance; optionally an EOS id) and each (kernels, CUDA graphs, K): mismatched tokens of plain decoding against
-eager reference decoding, and of speculative against plain decoding, with the first mismatching
-position. Which settings break narrows down where a GPU-only fault lives (graph capture, kernel
-concurrency, programmatic dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
+For a random SmolLM2-shaped 50% Mamba2 hybrid (fp32 unless --dtype) and a draft — the model
+itself (every proposal accepted), a perturbed copy (--draft-noise) or a few of the teacher's
+layers (--draft-layers, shaped unlike the target, as the pipeline's draft is), optionally with an
+EOS id — and each (kernels, CUDA graphs, K): mismatched tokens of plain decoding against eager
+reference decoding, of speculative against plain decoding (with the first mismatching position),
+and whether a decoder reused as the speed stage reuses it gives the same tokens. Which settings
+break narrows down where a GPU-only fault lives (graph capture, kernel concurrency, programmatic
+dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
 
     python benchmarks/spec_greedy_sweep.py [--layers 30] [--kernels fused,triton] [--k 1,2,4]
+    python benchmarks/spec_greedy_sweep.py --draft-layers 4 --eos 2 --graphs on   # the 2026-11-26 fault
 """
-
 from __future__ import annotations
 
 import argparse
