@@ -11,11 +11,13 @@ dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
 
     python benchmarks/spec_greedy_sweep.py [--layers 30] [--kernels fused,triton] [--k 1,2,4]
     python benchmarks/spec_greedy_sweep.py --draft-layers 4 --eos 2 --graphs on   # the 2026-11-26 fault
+    python benchmarks/spec_greedy_sweep.py ... --rounds device,host   # captured rounds and the host loop
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import os
 import sys
 
@@ -24,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
 from pipeline.decoding.draft import build_draft  # noqa: E402
-from pipeline.decoding.speculative import SpeculativeDecoder, generate, required_length, speculative_generate  # noqa: E402
+from pipeline.decoding.speculative import SpeculativeDecoder, generate, required_length  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 
 
@@ -47,6 +49,7 @@ def main() -> int:
                         help="draft = the model with its weights perturbed by this relative noise (partial acceptance)")
     parser.add_argument("--draft-layers", type=int, default=0,
                         help="draft = this many of the teacher's layers (pipeline.decoding.draft.build_draft), undistilled")
+    parser.add_argument("--rounds", default="device", help="greedy rounds on the device, the host loop, or both (device,host)")
     parser.add_argument("--eos", type=int, default=None,
                         help="an EOS id; -1: a token greedy decoding emits early in row 0, so rows stop at different rounds")
     args = parser.parse_args()
@@ -70,24 +73,29 @@ def main() -> int:
     expected = generate(model, ids, max_new_tokens=args.new_tokens, cuda_graphs=False, eos_token_id=args.eos).tokens
     print(f"PIPELINE_FUSED_PDL={os.environ.get('PIPELINE_FUSED_PDL', '(default)')}, {args.layers} layers, {args.dtype}, "
           f"eos {args.eos}, draft noise {args.draft_noise}")
-    print(f"{'kernels':<8} {'graphs':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
+    print(f"{'kernels':<8} {'graphs':<6} {'rounds':<6} {'K':>2}  {'plain vs reference':<32} {'spec vs plain':<32} acceptance")
     failed = False
     for kernels in args.kernels.split(","):
         for graphs in [mode == "on" for mode in args.graphs.split(",") if args.device == "cuda" or mode == "off"]:
             plain = generate(model, ids, max_new_tokens=args.new_tokens, kernels=kernels, cuda_graphs=graphs,
                              eos_token_id=args.eos).tokens
-            for k in map(int, args.k.split(",")):
-                spec = speculative_generate(model, draft, ids, k=k, max_new_tokens=args.new_tokens, kernels=kernels,
-                                            cuda_graphs=graphs, eos_token_id=args.eos)
-                # the same decoder again, as the speed stage times it: full length, one token, full length
-                decoder = SpeculativeDecoder(model, draft, k, ids.shape[0], required_length(ids.shape[1], args.new_tokens, k),
-                                             kernels=kernels, cuda_graphs=graphs)
+            for k, rounds in itertools.product(map(int, args.k.split(",")), args.rounds.split(",")):
+                def decoder():
+                    made = SpeculativeDecoder(model, draft, k, ids.shape[0], required_length(ids.shape[1], args.new_tokens, k),
+                                              kernels=kernels, cuda_graphs=graphs)
+                    made.device_rounds = rounds == "device"
+                    return made
+
+                spec = decoder().generate(ids, max_new_tokens=args.new_tokens, eos_token_id=args.eos)
+                # a decoder reused as the speed stage times it: full length, one token, full length
+                reused = decoder()
                 for n in (args.new_tokens, 1, args.new_tokens):
-                    again = decoder.generate(ids, max_new_tokens=n, eos_token_id=args.eos)
+                    again = reused.generate(ids, max_new_tokens=n, eos_token_id=args.eos)
                 a, b = mismatches(plain, expected), mismatches(spec.tokens, plain)
                 b += "" if torch.equal(again.tokens, spec.tokens) else " (reused decoder differs)"
                 failed |= a != "0" or b != "0"
-                print(f"{kernels:<8} {str(graphs):<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}", flush=True)
+                print(f"{kernels:<8} {str(graphs):<6} {rounds:<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}",
+                      flush=True)
     return 1 if failed else 0
 
 

@@ -226,8 +226,24 @@ def test_graph_session_eager_path_equals_plain_generate():
         DecodeSession(teacher(0), 1, 16, cuda_graphs=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_captured_graph_keeps_the_tensors_its_body_closes_over():
+    """A tensor only the body's closure holds must outlive the capture: the graph replays its address."""
+    session = DecodeSession(teacher(0).cuda(), 1, 16, cuda_graphs=True)
+    total = torch.zeros(4, dtype=torch.long, device="cuda")
+
+    def capture_adding_a_range():
+        offsets = torch.arange(4, device="cuda")  # referenced by nothing but the body
+        return session.capture(lambda: total.add_(offsets), [total])
+
+    graph = capture_adding_a_range()
+    junk = [torch.full((4,), 10**9, dtype=torch.long, device="cuda") for _ in range(64)]  # would take a freed block
+    graph.replay()
+    assert total.tolist() == [0, 1, 2, 3], len(junk)
+
+
 def test_greedy_host_loop_is_lossless():
-    """The greedy host loop (what decoding under CUDA graphs takes) = plain greedy, perfect and random drafts."""
+    """The greedy host loop (device_rounds off: the sampling loop's path) = plain greedy, perfect and random drafts."""
     target, bad_draft = hybrid(0.5), teacher(seed=7, num_hidden_layers=2)
     ids = prompts()
     expected = generate(target, ids, max_new_tokens=16).tokens
@@ -242,7 +258,7 @@ def test_greedy_host_loop_is_lossless():
 
 @pytest.mark.parametrize("device_rounds", [True, False], ids=["device-rounds", "host-loop"])
 def test_reused_decoders_match_fresh_calls_across_lengths_and_eos(device_rounds):
-    """The kept greedy loop and round (or the host loop CUDA graphs use) reset between calls that change max_new_tokens and EOS."""
+    """The kept greedy loop and round (or the host loop) reset between calls that change max_new_tokens and EOS."""
     model, draft = hybrid(0.5), teacher(2, num_hidden_layers=2)
     ids = prompts(batch=2, length=6)
     plain = PlainDecoder(model, batch_size=2, max_length=40)

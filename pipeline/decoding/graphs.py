@@ -84,7 +84,7 @@ class DecodeSession:
         else:
             step = functools.partial(forward_block, self.model, self.cache, kernels=kernels)
         self._step = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple[_CapturedGraph, torch.Tensor, torch.Tensor]] = {}
         self._pool = None
         self._saved: list[torch.Tensor] | None = None
 
@@ -168,6 +168,12 @@ class DecodeSession:
         sessions the body steps (a speculative round's draft), whose caches are restored too.
         Without CUDA graphs the returned object's ``replay()`` runs ``body`` eagerly: the same
         code on every device.
+
+        The returned object holds ``body``: a graph replays fixed addresses, so every tensor the
+        body closes over (constants made before the capture, such as an index range or the EOS
+        ids) must outlive it. Held only by a closure that died with its caller, such a tensor's
+        memory went back to the allocator and later eager work overwrote what the graph reads
+        (on an H100: out-of-bounds scatters and wrong tokens in the captured speculative round).
         """
         if not self.use_graphs:
             return _EagerGraph(body)
@@ -189,7 +195,7 @@ class DecodeSession:
             session.cache.restore(saved)
         for dst, src in zip(state, saved_state):
             dst.copy_(src)
-        return graph
+        return _CapturedGraph(graph, body)
 
     def _capture(self, t: int) -> None:
         """Capture the step for blocks of ``t`` tokens (its output buffer is the graph's logits)."""
@@ -202,6 +208,16 @@ class DecodeSession:
         graph = self.capture(body, [])
         self._graphs[t] = (graph, static_tokens, captured["logits"])
         log.info("captured a CUDA graph for blocks of %d token(s), batch %d", t, self.batch_size)
+
+
+class _CapturedGraph:
+    """A CUDA graph and the body it was captured from, kept together so the body's tensors live as long as the graph."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, body):
+        self.graph, self.body = graph, body
+
+    def replay(self) -> None:
+        self.graph.replay()
 
 
 class _EagerGraph:

@@ -321,12 +321,9 @@ class SpeculativeDecoder:
         self.k = k
         self.target = DecodeSession(target, batch_size, max_length, max_block=k + 1, **session_kwargs)
         self.draft = DecodeSession(draft, batch_size, max_length, max_block=k + 1, **session_kwargs)
-        # Greedy rounds on the device run only without CUDA graphs for now: captured, on an H100,
-        # the round went out of bounds (kernels triton) or gave a reused decoder other tokens
-        # (reference) with a draft shaped unlike the target (benchmarks/spec_greedy_sweep.py
-        # --draft-layers 4, 2026-11-26); cause not yet found. Greedy decoding under CUDA graphs
-        # takes the host loop (the sampling loop, with per-block graphs) instead.
-        self.device_rounds = not self.target.use_graphs
+        # Greedy decoding runs whole rounds on the device (one graph launch per round on a GPU);
+        # False takes the host loop, the sampling path's, instead (kept for comparison and tests).
+        self.device_rounds = True
         self._rounds = None  # (key, graph, static tensors) of the greedy round
 
     @torch.inference_mode()
@@ -384,7 +381,7 @@ class SpeculativeDecoder:
 
     # --- greedy: whole rounds on the device ----------------------------------------------------------
     def _greedy_rounds(self, last, max_new_tokens, eos_token_id, pad_token_id, sync_every: int = 4) -> GenerationResult:
-        """Greedy rounds with all bookkeeping on the device (one graph launch per round once captured rounds are fixed).
+        """Greedy rounds with all bookkeeping on the device: one graph launch per round on a GPU.
 
         A round is what the sampling loop does — the draft catches up on the pending tokens and
         proposes K, the target verifies them, both commit — plus emitting the accepted tokens
