@@ -1,0 +1,141 @@
+"""Where a speculative round's time goes on the GPU, next to a plain step (random SmolLM2-shaped weights, bf16).
+
+For a 50% Mamba2 hybrid target and a draft of 4 of the teacher's layers (the pipeline's draft's
+shape), fused kernels, batch 1, a short prompt, each captured graph is replayed back to back:
+
+* ``host us``  — time the host takes to enqueue one replay (no synchronisation);
+* ``wall us``  — time per replay with the GPU kept busy (replays, then one synchronisation);
+* ``busy us``  — the summed GPU time of its kernels (torch.profiler), and ``kernels`` launched.
+
+``wall`` near ``host`` means the host cannot enqueue fast enough (launch-bound on the CPU side);
+``wall`` well above ``busy`` means gaps between kernels on the GPU (dependent-launch latency).
+Rows: the target's block step for T = 1 … K + 1, the draft's for T = 1 and K + 1, the plain greedy
+loop's step, and the whole greedy round for each K; then a kernel table of one eager round.
+
+    python benchmarks/spec_round_profile.py [--k 1,2,3,4] [--prompt 128] [--out results/spec_round_profile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from pipeline.decoding.draft import build_draft  # noqa: E402
+from pipeline.decoding.graphs import DecodeSession  # noqa: E402
+from pipeline.decoding.speculative import PlainDecoder, SpeculativeDecoder  # noqa: E402
+from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
+
+
+def timed(replay, n: int = 200) -> tuple[float, float]:
+    """(host µs, wall µs) per replay of ``n`` back-to-back replays."""
+    replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        replay()
+    enqueued = time.perf_counter()
+    torch.cuda.synchronize()
+    done = time.perf_counter()
+    return (enqueued - start) / n * 1e6, (done - start) / n * 1e6
+
+
+def kernels(replay, n: int = 10) -> tuple[float, float, list[tuple[str, float, float]]]:
+    """(GPU-busy µs, kernels) per replay, and (name, µs, count) per replay by kernel name."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            replay()
+        torch.cuda.synchronize()
+    time_us, count = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            time_us[event.name[:60]] += event.device_time / n
+            count[event.name[:60]] += 1
+    rows = sorted(((name, t, count[name] / n) for name, t in time_us.items()), key=lambda r: -r[1])
+    return sum(time_us.values()), sum(count.values()) / n, rows
+
+
+def row(name: str, replay, results: dict) -> None:
+    host, wall = timed(replay)
+    busy, launched, _ = kernels(replay)
+    results[name] = {"host_us": host, "wall_us": wall, "busy_us": busy, "kernels": launched}
+    print(f"{name:<28} {host:8.1f} {wall:8.1f} {busy:8.1f} {launched:8.0f}", flush=True)
+
+
+def block_step(model, prompt, t: int, max_block: int):
+    session = DecodeSession(model, 1, prompt.numel() + 64, max_block=max_block, kernels="fused")
+    session.prefill([prompt])
+    block = prompt[None, :t].clone()
+    session.extend(block)  # captures
+    graph = session._graphs[t][0]
+    return graph.replay
+
+
+def round_replay(target, draft, prompt, k: int, rounds: int):
+    """The captured greedy round, its state reset so that ``rounds`` replays neither finish nor overflow."""
+    length = prompt.numel() + (rounds + 8) * (k + 1) + 64
+    decoder = SpeculativeDecoder(target, draft, k, 1, length, kernels="fused")
+    decoder.generate(prompt[None], max_new_tokens=4)  # prefill + capture
+    _, graph, state = decoder._rounds
+    state["max_new"].fill_(length)  # never reached: the round keeps going
+    state["done"].zero_()
+    return graph.replay, decoder
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--k", default="1,2,3,4")
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--draft-layers", type=int, default=4)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    ks = [int(k) for k in args.k.split(",")]
+    teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
+    target = build_hybrid(teacher, attention_layers_for_ratio(30, 0.5)).eval()
+    draft = build_draft(teacher, args.draft_layers).eval()
+    prompt = torch.randint(1, teacher.config.vocab_size, (args.prompt,), device="cuda")
+    results: dict = {"device": torch.cuda.get_device_name(), "prompt": args.prompt, "rows": {}}
+    print(f"{torch.cuda.get_device_name()}, 50% hybrid target, {args.draft_layers}-layer draft, b1 p{args.prompt}, bf16, fused")
+    print(f"{'graph':<28} {'host us':>8} {'wall us':>8} {'busy us':>8} {'kernels':>8}")
+    top = max(ks) + 1
+    for t in range(1, top + 1):
+        row(f"target block T={t}", block_step(target, prompt, t, top), results["rows"])
+    for t in sorted({1, *[k + 1 for k in ks]}):
+        row(f"draft block T={t}", block_step(draft, prompt, t, top), results["rows"])
+    plain = PlainDecoder(target, 1, prompt.numel() + 600, kernels="fused")
+    plain.generate(prompt[None], max_new_tokens=4)
+    plain_graph = plain._loop[1]
+    row("plain greedy step", plain_graph.replay, results["rows"])
+    for k in ks:
+        replay, _ = round_replay(target, draft, prompt, k, rounds=420)
+        row(f"greedy round K={k}", replay, results["rows"])
+    # one round run eagerly: which kernels a round launches, and their GPU time
+    decoder = SpeculativeDecoder(target, draft, max(ks), 1, prompt.numel() + 200, kernels="fused", cuda_graphs=False)
+    decoder.generate(prompt[None], max_new_tokens=4)
+    _, eager_round, state = decoder._rounds
+    state["max_new"].fill_(10**6)
+    state["done"].zero_()
+    busy, launched, table = kernels(eager_round.replay, n=5)
+    results["eager_round"] = {"k": max(ks), "busy_us": busy, "kernels": launched, "table": table}
+    print(f"\none eager round, K={max(ks)}: {busy:.0f} us of kernels, {launched:.0f} launches")
+    print(f"  {'kernel':<60} {'us':>7} {'n':>5}")
+    for name, t, n in table[:24]:
+        print(f"  {name:<60} {t:7.1f} {n:5.1f}")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
