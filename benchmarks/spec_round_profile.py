@@ -86,8 +86,9 @@ def round_replay(target, draft, prompt, k: int, rounds: int):
     decoder = SpeculativeDecoder(target, draft, k, 1, length, kernels="fused")
     decoder.generate(prompt[None], max_new_tokens=4)  # prefill + capture
     _, graph, state = decoder._rounds
-    state["max_new"].fill_(length)  # never reached: the round keeps going
-    state["done"].zero_()
+    with torch.inference_mode():  # the round's tensors are inference tensors
+        state["max_new"].fill_(length)  # never reached: the round keeps going
+        state["done"].zero_()
     return graph.replay, decoder
 
 
@@ -96,6 +97,7 @@ def main() -> int:
     parser.add_argument("--k", default="1,2,3,4")
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--draft-layers", type=int, default=4)
+    parser.add_argument("--parts", default="blocks,rounds,eager", help="which rows: blocks (and the plain step), rounds, eager")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     ks = [int(k) for k in args.k.split(",")]
@@ -107,32 +109,40 @@ def main() -> int:
     print(f"{torch.cuda.get_device_name()}, 50% hybrid target, {args.draft_layers}-layer draft, b1 p{args.prompt}, bf16, fused")
     print(f"{'graph':<28} {'host us':>8} {'wall us':>8} {'busy us':>8} {'kernels':>8}")
     top = max(ks) + 1
-    for t in range(1, top + 1):
+    parts = args.parts.split(",")
+    for t in range(1, top + 1 if "blocks" in parts else 1):
         row(f"target block T={t}", block_step(target, prompt, t, top), results["rows"])
-    for t in sorted({1, *[k + 1 for k in ks]}):
+    for t in sorted({1, *[k + 1 for k in ks]}) if "blocks" in parts else ():
         row(f"draft block T={t}", block_step(draft, prompt, t, top), results["rows"])
     plain = PlainDecoder(target, 1, prompt.numel() + 600, kernels="fused")
     plain.generate(prompt[None], max_new_tokens=4)
     plain_graph = plain._loop[1]
     row("plain greedy step", plain_graph.replay, results["rows"])
-    for k in ks:
+    for k in ks if "rounds" in parts else ():
         replay, _ = round_replay(target, draft, prompt, k, rounds=420)
         row(f"greedy round K={k}", replay, results["rows"])
+    if "eager" not in parts:
+        return _write(results, args.out)
     # one round run eagerly: which kernels a round launches, and their GPU time
     decoder = SpeculativeDecoder(target, draft, max(ks), 1, prompt.numel() + 200, kernels="fused", cuda_graphs=False)
     decoder.generate(prompt[None], max_new_tokens=4)
     _, eager_round, state = decoder._rounds
-    state["max_new"].fill_(10**6)
-    state["done"].zero_()
-    busy, launched, table = kernels(eager_round.replay, n=5)
+    with torch.inference_mode():
+        state["max_new"].fill_(10**6)
+        state["done"].zero_()
+        busy, launched, table = kernels(eager_round.replay, n=5)
     results["eager_round"] = {"k": max(ks), "busy_us": busy, "kernels": launched, "table": table}
     print(f"\none eager round, K={max(ks)}: {busy:.0f} us of kernels, {launched:.0f} launches")
     print(f"  {'kernel':<60} {'us':>7} {'n':>5}")
     for name, t, n in table[:24]:
         print(f"  {name:<60} {t:7.1f} {n:5.1f}")
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as fh:
+    return _write(results, args.out)
+
+
+def _write(results: dict, out: str | None) -> int:
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "w") as fh:
             json.dump(results, fh, indent=2)
     return 0
 

@@ -163,7 +163,7 @@ def _linear_residual_kernel(
 # Few rows (plain decoding, a speculative block, small batches): a GEMV per program. Each program
 # loads its BLOCK_N weight rows whole (BLOCK_K >= K) in one go and reuses them for every row, so
 # nothing waits on a chain of K steps; the row loop is unrolled (M is a compile-time constant).
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = int(os.environ.get("PIPELINE_FUSED_GEMV_MAX_ROWS", "16"))  # more rows take the matmul tiles
 
 
 @triton.jit
