@@ -164,7 +164,6 @@ def _linear_residual_kernel(
 # loads its BLOCK_N weight rows whole (BLOCK_K >= K) in one go and reuses them for every row, so
 # nothing waits on a chain of K steps; the row loop is unrolled (M is a compile-time constant).
 GEMV_MAX_ROWS = int(os.environ.get("PIPELINE_FUSED_GEMV_MAX_ROWS", "16"))  # more rows take the matmul tiles
-PROJECTION = os.environ.get("PIPELINE_FUSED_PROJECTION", "gemv")  # or "rows": tensor-core tiles of ROWS rows
 
 
 @triton.jit
@@ -231,80 +230,6 @@ def _gemv_residual_kernel(
         tl.store(out_ptr + m * s_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-# Few rows on tensor cores (PIPELINE_FUSED_PROJECTION=rows): every row of a block in one tile of
-# ROWS, the whole of K loaded at once and multiplied in one tl.dot. A GEMV walks its rows one by
-# one (each step a reduction across the program), so a speculative block of T tokens cost T plain
-# steps; a tile costs about one. The tile has ROWS rows whatever M is, so a row's arithmetic does
-# not depend on how many rows its block has: plain steps and verification blocks agree bit for bit.
-ROWS = 16
-ROWS_BLOCK_N = int(os.environ.get("PIPELINE_FUSED_ROWS_BLOCK_N", "16"))  # outputs per program
-
-
-@triton.jit
-def _norm_rows_kernel(
-    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
-    M, N, K, eps, s_xm, s_wn, s_om,
-    HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    if USE_PDL:
-        gdc_launch_dependents()
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n, mask_m, mask_k = offs_n < N, offs_m < M, offs_k < K
-    dtype = w_ptr.dtype.element_ty
-    w_mask = mask_n[:, None] & mask_k[None, :]
-    w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
-    if SWIGLU:
-        w2 = tl.load(w2_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=w_mask, other=0.0)
-    nw = tl.load(nw_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()  # weights loaded; the activations come from the kernel before
-    x = tl.load(x_ptr + offs_m[:, None] * s_xm + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    x = x.to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / K + eps)
-    xn = _rms_scale(x, rstd[:, None], nw[None, :], dtype).to(dtype)
-    acc = tl.dot(xn, tl.trans(w), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    if SWIGLU:
-        acc = _silu_mul(acc, tl.dot(xn, tl.trans(w2), input_precision=PRECISION), dtype)
-    tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _rows_residual_kernel(
-    a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
-    M, N, K, s_am, s_wn, s_rm, s_om,
-    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    if USE_PDL:
-        gdc_launch_dependents()
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.program_id(1) * ROWS + tl.arange(0, ROWS)
-    offs_k = tl.arange(0, BLOCK_K)
-    mask_n, mask_m, mask_k = offs_n < N, offs_m < M, offs_k < K
-    dtype = w_ptr.dtype.element_ty
-    w = tl.load(w_ptr + offs_n[:, None] * s_wn + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()
-    a = tl.load(a_ptr + offs_m[:, None] * s_am + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-    acc = tl.dot(a.to(dtype), tl.trans(w), input_precision=PRECISION)
-    if HAS_BIAS:
-        acc += bias[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    res = tl.load(res_ptr + offs_m[:, None] * s_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = acc.to(dtype).to(tl.float32) + res  # the module's output, then the residual add
-    tl.store(out_ptr + offs_m[:, None] * s_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def _autotuned(kernel, key: list[str]):
     """The kernel with its warp count picked per shape on first use; timings cached on disk
     (each speed stage is a new process on the same machine) where Triton can."""
@@ -339,15 +264,6 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
-    if PROJECTION == "rows":
-        _norm_rows_kernel[(triton.cdiv(n, ROWS_BLOCK_N), triton.cdiv(m, ROWS))](
-            x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
-            out, m, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, ROWS=ROWS, BLOCK_N=ROWS_BLOCK_N,
-            BLOCK_K=max(16, triton.next_power_of_2(k)), PRECISION=_precision(weight.dtype),
-            USE_PDL=_pdl(), launch_pdl=_pdl(),
-        )
-        return out
     if m <= GEMV_MAX_ROWS:
         block_n, block_k = _gemv_blocks(n, k)
         _norm_gemv_kernel[(triton.cdiv(n, block_n),)](
@@ -373,14 +289,6 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     m, k = a.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=residual.dtype)
-    if PROJECTION == "rows":
-        _rows_residual_kernel[(triton.cdiv(n, ROWS_BLOCK_N), triton.cdiv(m, ROWS))](
-            a, weight, bias if bias is not None else weight, residual, out,
-            m, n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
-            HAS_BIAS=bias is not None, ROWS=ROWS, BLOCK_N=ROWS_BLOCK_N, BLOCK_K=max(16, triton.next_power_of_2(k)),
-            PRECISION=_precision(weight.dtype), USE_PDL=_pdl(), launch_pdl=_pdl(),
-        )
-        return out
     if m <= GEMV_MAX_ROWS:
         block_n, block_k = _gemv_blocks(n, k)
         _gemv_residual_kernel[(triton.cdiv(n, block_n),)](
