@@ -6,9 +6,10 @@ shape), fused kernels, batch 1, a short prompt, each captured graph is replayed 
 * ``host us``  — time the host takes to enqueue one replay (no synchronisation);
 * ``wall us``  — time per replay with the GPU kept busy (replays, then one synchronisation);
 * ``busy us``  — the summed GPU time of its kernels (torch.profiler), and ``kernels`` launched.
+  With programmatic dependent launch a kernel's time includes its wait for the one before, so
+  kernels overlap and ``busy`` can exceed ``wall``; it is meaningful only with PIPELINE_FUSED_PDL=0.
 
-``wall`` near ``host`` means the host cannot enqueue fast enough (launch-bound on the CPU side);
-``wall`` well above ``busy`` means gaps between kernels on the GPU (dependent-launch latency).
+``wall`` near ``host`` means the host cannot enqueue fast enough (launch-bound on the CPU side).
 Rows: the target's block step for T = 1 … K + 1, the draft's for T = 1 and K + 1, the plain greedy
 loop's step, and the whole greedy round for each K; then a kernel table of one eager round.
 
