@@ -3,8 +3,8 @@
 Checked: logits at every block and the caches after ragged commits (KV slots, SSM states, conv
 states) for all-attention and Mamba2 hybrids; Qwen2 biases, a Mistral sliding window and output
 projection biases; the split-key (flash-decoding) path of long contexts; more than 16 rows (tiled
-matmuls); greedy plain and speculative generation token for token; and the clear errors for what
-the fused step cannot run.
+matmuls); greedy plain and speculative generation token for token; a block's logits bit for bit
+equal to one-token steps; and the clear errors for what the fused step cannot run.
 
 The kernels run under Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py when there
 is no GPU), so everything is float32: the interpreter's bf16 ``tl.dot`` is wrong. The interpreter
@@ -151,6 +151,35 @@ def test_fused_greedy_generation_equals_reference():
     spec = speculative_generate(model, model, ids, k=3, max_new_tokens=8, kernels="fused")
     assert torch.equal(spec.tokens, expected)
     assert spec.stats.acceptance_rate == 1.0
+
+
+def test_fused_block_logits_equal_plain_steps_bit_for_bit():
+    """A block of T tokens gives each token exactly the logits T one-token steps give: what keeps
+    greedy speculation lossless on a GPU, where a different summation order would flip near-ties."""
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    block_session, step_session = (DecodeSession(model, 2, 32, max_block=4, kernels="fused") for _ in range(2))
+    tokens = prompts(2, 4, seed=5)
+    with torch.no_grad():
+        for session in (block_session, step_session):
+            session.prefill(ragged_rows([5, 8]))
+        block = block_session.extend(tokens).clone()
+        steps = []
+        for t in range(tokens.shape[1]):
+            steps.append(step_session.extend(tokens[:, t : t + 1])[:, 0].clone())
+            step_session.commit(torch.ones(2, dtype=torch.long))
+    assert torch.equal(block, torch.stack(steps, dim=1))
+
+
+def test_block_rows_get_their_own_gemv_programs_except_for_large_weights():
+    """Layer projections re-read their weights from L2 per row; SmolLM2's 57 MB head is walked row by row."""
+    from pipeline.ops.fused_decode import ROW_PROGRAMS_MAX_BYTES, _gemv_grid
+
+    small = torch.empty(576, 576, dtype=torch.bfloat16, device="meta")
+    head = torch.empty(49152, 576, dtype=torch.bfloat16, device="meta")
+    assert head.numel() * 2 > ROW_PROGRAMS_MAX_BYTES >= small.numel() * 2
+    assert _gemv_grid(5, 576, small, 8) == ((72, 5), 1)  # a row per program along grid axis 1
+    assert _gemv_grid(1, 576, small, 8) == ((72, 1), 1)
+    assert _gemv_grid(5, 49152, head, 8) == ((6144, 1), 5)  # one program walks all five rows
 
 
 def test_fused_bad_input(monkeypatch):
