@@ -53,6 +53,8 @@ def main() -> int:
     parser.add_argument("--eos", type=int, default=None,
                         help="an EOS id; -1: a token greedy decoding emits early in row 0, so rows stop at different rounds")
     args = parser.parse_args()
+    if not set(args.rounds.split(",")) <= {"device", "host"}:
+        parser.error(f"--rounds {args.rounds!r}: give device, host or device,host")
     teacher = smollm2_like(args.layers, args.device, quick=args.device == "cpu")
     model = build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval()
     if args.bf16_roundtrip:
@@ -93,7 +95,8 @@ def main() -> int:
                     again = reused.generate(ids, max_new_tokens=n, eos_token_id=args.eos)
                 a, b = mismatches(plain, expected), mismatches(spec.tokens, plain)
                 b += "" if torch.equal(again.tokens, spec.tokens) else " (reused decoder differs)"
-                failed |= a != "0" or b != "0"
+                # bf16 fused and reference decoding round differently, so only fp32 asks them to agree
+                failed |= b != "0" or (a != "0" and args.dtype == "float32")
                 print(f"{kernels:<8} {str(graphs):<6} {rounds:<6} {k:>2}  {a:<32} {b:<32} {spec.stats.acceptance_rate:.2f}",
                       flush=True)
     return 1 if failed else 0

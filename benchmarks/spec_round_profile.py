@@ -36,6 +36,9 @@ from pipeline.decoding.speculative import PlainDecoder, SpeculativeDecoder  # no
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 
 
+REPLAYS = 1 + 200 + 10  # per graph: warm-up, timed, profiled
+
+
 def timed(replay, n: int = 200) -> tuple[float, float]:
     """(host µs, wall µs) per replay of ``n`` back-to-back replays."""
     replay()
@@ -72,8 +75,10 @@ def row(name: str, replay, results: dict) -> None:
     print(f"{name:<28} {host:8.1f} {wall:8.1f} {busy:8.1f} {launched:8.0f}", flush=True)
 
 
-def block_step(model, prompt, t: int, max_block: int):
-    session = DecodeSession(model, 1, prompt.numel() + 64, max_block=max_block, kernels="fused")
+def block_step(model, prompt, t: int, max_block: int, max_length: int):
+    """A block graph over a cache of ``max_length`` slots: as long as the rounds', so that both
+    split their attention keys alike (a longer cache adds a merge launch per attention layer)."""
+    session = DecodeSession(model, 1, max_length, max_block=max_block, kernels="fused")
     session.prefill([prompt])
     block = prompt[None, :t].clone()
     session.extend(block)  # captures
@@ -81,9 +86,8 @@ def block_step(model, prompt, t: int, max_block: int):
     return graph.replay
 
 
-def round_replay(target, draft, prompt, k: int, rounds: int):
-    """The captured greedy round, its state reset so that ``rounds`` replays neither finish nor overflow."""
-    length = prompt.numel() + (rounds + 8) * (k + 1) + 64
+def round_replay(target, draft, prompt, k: int, length: int):
+    """The captured greedy round over caches of ``length`` slots, its state reset so that the timed replays never finish."""
     decoder = SpeculativeDecoder(target, draft, k, 1, length, kernels="fused")
     decoder.generate(prompt[None], max_new_tokens=4)  # prefill + capture
     _, graph, state = decoder._rounds
@@ -111,16 +115,18 @@ def main() -> int:
     print(f"{'graph':<28} {'host us':>8} {'wall us':>8} {'busy us':>8} {'kernels':>8}")
     top = max(ks) + 1
     parts = args.parts.split(",")
+    # one cache length for every graph (the same key splits): room for the replays a round row times
+    length = prompt.numel() + (REPLAYS + 8) * top + 64
     for t in range(1, top + 1 if "blocks" in parts else 1):
-        row(f"target block T={t}", block_step(target, prompt, t, top), results["rows"])
+        row(f"target block T={t}", block_step(target, prompt, t, top, length), results["rows"])
     for t in sorted({1, *[k + 1 for k in ks]}) if "blocks" in parts else ():
-        row(f"draft block T={t}", block_step(draft, prompt, t, top), results["rows"])
-    plain = PlainDecoder(target, 1, prompt.numel() + 600, kernels="fused")
+        row(f"draft block T={t}", block_step(draft, prompt, t, top, length), results["rows"])
+    plain = PlainDecoder(target, 1, length, kernels="fused")
     plain.generate(prompt[None], max_new_tokens=4)
     plain_graph = plain._loop[1]
     row("plain greedy step", plain_graph.replay, results["rows"])
     for k in ks if "rounds" in parts else ():
-        replay, _ = round_replay(target, draft, prompt, k, rounds=420)
+        replay, _ = round_replay(target, draft, prompt, k, length)
         row(f"greedy round K={k}", replay, results["rows"])
     if "eager" not in parts:
         return _write(results, args.out)

@@ -153,9 +153,16 @@ def test_fused_greedy_generation_equals_reference():
     assert spec.stats.acceptance_rate == 1.0
 
 
-def test_fused_block_logits_equal_plain_steps_bit_for_bit():
-    """A block of T tokens gives each token exactly the logits T one-token steps give: what keeps
-    greedy speculation lossless on a GPU, where a different summation order would flip near-ties."""
+@pytest.mark.parametrize("row_programs", [True, False], ids=["row-programs", "rows-walked-in-one-program"])
+def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, monkeypatch):
+    """A block of T tokens gives each token exactly the logits T one-token steps give, whether a
+    block's rows get their own GEMV programs or one program walks them (as for a large head).
+    On a GPU that equality keeps greedy speculation lossless (a different summation order would flip
+    near-ties); under the interpreter it checks the block path's row indexing and per-row code."""
+    from pipeline.ops import fused_decode
+
+    if not row_programs:
+        monkeypatch.setattr(fused_decode, "ROW_PROGRAMS_MAX_BYTES", 0)
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
     block_session, step_session = (DecodeSession(model, 2, 32, max_block=4, kernels="fused") for _ in range(2))
     tokens = prompts(2, 4, seed=5)

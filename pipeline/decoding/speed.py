@@ -8,6 +8,7 @@ graph capture, compilation, allocator growth) and is not timed.
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import resource
@@ -125,6 +126,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _reset_peak_memory(device: torch.device) -> None:
+    """Start a peak-memory count for one measurement. A captured decoder holds its graph's body,
+    which refers back to the decoder: earlier decoders are freed only by the cycle collector, and
+    until then their buffers would count in this measurement's peak."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -158,8 +168,7 @@ def measure_plain(model, ids: torch.Tensor, settings: SpeedSettings) -> dict[str
     batch, length = ids.shape
     decoder = PlainDecoder(model, batch, required_length(length, settings.new_tokens), **settings.session_kwargs())
     ids = ids.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     rate, result = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
     return {"tokens_per_s": rate * batch, "tokens_per_s_per_row": rate, "peak_memory_mb": _peak_memory_mb(device),
             "distinct_token_fraction": distinct_fraction(result)}
@@ -172,8 +181,7 @@ def measure_speculative(target, draft, ids: torch.Tensor, k: int, settings: Spee
         target, draft, k, batch, required_length(length, settings.new_tokens, k), **settings.session_kwargs()
     )
     ids = ids.to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _reset_peak_memory(device)
     rate, result = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
     stats = result.stats
     return {
