@@ -52,26 +52,36 @@ def loop_tokens_per_s(model, prompt, kernels: str, new_tokens: int = 128) -> flo
     return new_tokens / (time.perf_counter() - start)
 
 
+def profile_kernels(run, n: int) -> tuple[list[tuple[str, float, float]], float]:
+    """Run ``run()`` ``n`` times under torch.profiler: (name, CUDA µs per run, launches per run) by
+    kernel name, sorted by time, and launches per run in all."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(n):
+            run()
+        torch.cuda.synchronize()
+    time_us, count = defaultdict(float), defaultdict(int)
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            name = event.name[:60]
+            time_us[name] += event.device_time / n
+            count[name] += 1
+    rows = sorted(((name, t, count[name] / n) for name, t in time_us.items()), key=lambda r: -r[1])
+    return rows, sum(count.values()) / n
+
+
 def kernel_table(model, prompt, kernels: str, steps: int = 5) -> tuple[list[tuple[str, float, float]], float]:
     """(name, µs per step, launches per step) sorted by time, and launches per step in all."""
     session = DecodeSession(model, 1, prompt.numel() + steps + 16, kernels=kernels, cuda_graphs=False)
     token = session.prefill([prompt]).argmax(-1)[:, None]
     session.extend(token)
     session.commit(torch.ones(1, dtype=torch.long))
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            session.extend(token)
-            session.commit(torch.ones(1, dtype=torch.long))
-        torch.cuda.synchronize()
-    time_us, count = defaultdict(float), defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            name = event.name[:60]
-            time_us[name] += event.device_time / steps
-            count[name] += 1
-    rows = sorted(((n, t, count[n] / steps) for n, t in time_us.items()), key=lambda r: -r[1])
-    return rows, sum(count.values()) / steps
+
+    def step():
+        session.extend(token)
+        session.commit(torch.ones(1, dtype=torch.long))
+
+    return profile_kernels(step, steps)
 
 
 def main() -> int:

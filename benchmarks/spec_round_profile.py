@@ -23,18 +23,17 @@ import json
 import os
 import sys
 import time
-from collections import defaultdict
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_profile import profile_kernels  # noqa: E402
 from pipeline.decoding.draft import build_draft  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.decoding.speculative import PlainDecoder, SpeculativeDecoder  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
-
 
 REPLAYS = 1 + 200 + 10  # per graph: warm-up, timed, profiled
 
@@ -54,18 +53,8 @@ def timed(replay, n: int = 200) -> tuple[float, float]:
 
 def kernels(replay, n: int = 10) -> tuple[float, float, list[tuple[str, float, float]]]:
     """(GPU-busy µs, kernels) per replay, and (name, µs, count) per replay by kernel name."""
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(n):
-            replay()
-        torch.cuda.synchronize()
-    time_us, count = defaultdict(float), defaultdict(int)
-    for event in prof.events():
-        if event.device_type == torch.autograd.DeviceType.CUDA:
-            time_us[event.name[:60]] += event.device_time / n
-            count[event.name[:60]] += 1
-    rows = sorted(((name, t, count[name] / n) for name, t in time_us.items()), key=lambda r: -r[1])
-    return sum(time_us.values()), sum(count.values()) / n, rows
+    rows, launched = profile_kernels(replay, n)
+    return sum(t for _, t, _ in rows), launched, rows
 
 
 def row(name: str, replay, results: dict) -> None:
