@@ -1,0 +1,81 @@
+"""Time per captured one-token fused step, on the GPU, for several models, prompts and GEMV settings.
+
+SmolLM2-135M shapes with random weights (speed does not depend on them), bf16, batch 1. For the
+teacher (ratio 0) and each hybrid ratio, and each prompt length: µs per replay of the captured
+step (no host work) and the tok/s it stands for. Each ``--variant`` sets tuning attributes of
+:mod:`pipeline.ops.fused_decode` (``;``-separated ``NAME=VALUE``, e.g. ``GEMV_LAYER=(2048,1)`` or
+``KEYS_PER_SPLIT=128;ATTENTION_WARPS=4``) before its sessions are built; ``default`` keeps the
+module's. ``--label`` names the code measured, so that two runs of one call (say, before and after
+a change) print comparable rows.
+
+    python benchmarks/fused_variants.py --ratios 0,0.5,0.875 --prompts 512,4096 --label new
+    python benchmarks/fused_variants.py --ratios 0.5 --variant default --variant "GEMV_LAYER=(2048,1)"
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
+
+from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_profile import graph_step_us  # noqa: E402
+from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
+from pipeline.ops import fused_decode  # noqa: E402
+
+
+def parse_variant(spec: str) -> dict:
+    """``NAME=VALUE;…`` → {NAME: value}, each NAME an existing module attribute; ``default`` → {}."""
+    if spec == "default":
+        return {}
+    settings = {}
+    for item in spec.split(";"):
+        name, value = item.split("=", 1)
+        if not hasattr(fused_decode, name):
+            raise SystemExit(f"fused_decode has no attribute {name!r}")
+        settings[name] = ast.literal_eval(value)
+    return settings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ratios", default="0,0.5,0.75,0.875", help="0 = the teacher (all attention)")
+    parser.add_argument("--prompts", default="512")
+    parser.add_argument("--variant", action="append", default=None, help="NAME=VALUE;… (repeatable); default: none")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--label", default="")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
+    models = {}
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        models[f"{ratio:g}"] = teacher if ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, ratio)).eval()
+    rows = []
+    print(f"{'label':<8} {'variant':<34} {'ratio':<6} {'prompt':>6} {'step us':>8} {'tok/s':>7}", flush=True)
+    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+    for spec in args.variant or ["default"]:
+        for name, value in defaults.items():
+            setattr(fused_decode, name, value)
+        for name, value in parse_variant(spec).items():
+            setattr(fused_decode, name, value)
+        for name, model in models.items():
+            for length in (int(p) for p in args.prompts.split(",")):
+                prompt = torch.randint(1, teacher.config.vocab_size, (length,), device="cuda")
+                step = graph_step_us(model, prompt, "fused", steps=args.steps)
+                rows.append({"label": args.label, "variant": spec, "ratio": name, "prompt": length, "step_us": step})
+                print(f"{args.label:<8} {spec:<34} {name:<6} {length:>6} {step:8.1f} {1e6 / step:7.0f}", flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as fh:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
