@@ -2,7 +2,7 @@
 # One GPU call for the fused decoding steps: a profile of each (with and without programmatic
 # dependent launch), plain decoding speed for each kind of step, the per-op step (triton)
 # included as the baseline of the same call, then their parity with the reference (last: its
-# first-use compiling and autotuning is the slow part). Random weights: speed does not depend on them.
+# first-use compiling is the slow part). Random weights: speed does not depend on them.
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]
 # Everything lands in $OUT/fused-results.tgz (the device tool brings back few files); with
 # PACK_TRITON_CACHE=1 the Triton cache too, in $OUT/triton.tgz (carry it as .gpucache/triton.tgz).
@@ -23,8 +23,7 @@ for kernels in ${KERNELS:-fused triton}; do
   timeout ${SPEED_TIMEOUT:-200} python3 benchmarks/speed_table.py --parts plain --kernels "$kernels" \
     --budget-s $(( ${SPEED_TIMEOUT:-200} - 30 )) --out "$OUT/speed-$kernels" "$@" 2>&1 | tee "$OUT/speed-$kernels.txt" || status=1
 done
-# parity without warp autotuning: a quarter of the compiles, and warps do not change what is checked
-PIPELINE_FUSED_AUTOTUNE=0 timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused} | tr ' ' ,)" \
+timeout ${PARITY_TIMEOUT:-180} python3 benchmarks/fused_parity.py --kernels "$(echo ${FUSED:-fused} | tr ' ' ,)" \
   --out "$OUT/fused_parity.json" 2>&1 | tee "$OUT/fused_parity.txt" || status=1
 mkdir -p "$FINAL_OUT"
 tar czf "$FINAL_OUT/fused-results.tgz" -C "$OUT" .

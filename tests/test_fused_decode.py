@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
               pytest.mark.usefixtures("one_thread")]
 
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
-from pipeline.decoding.speculative import generate, speculative_generate  # noqa: E402
+from pipeline.decoding.speculative import PlainDecoder, generate, speculative_generate  # noqa: E402
 from pipeline.errors import PipelineError  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from tests.test_model import tiny_teacher  # noqa: E402
@@ -119,7 +119,7 @@ def test_fused_attention_over_several_key_splits():
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
     ref, fused = sessions(model, 3, 48, max_block=4)
     assert fused.cache.max_length == 48
-    fused._step.splits = (3, 16)  # what attention_splits gives above 1024 slots, scaled down
+    fused._step.splits = (3, 16)  # what attention_splits gives above 64 slots, scaled down
     n_splits, split_len = fused._step.splits
     assert n_splits > 1 and n_splits * split_len >= fused.cache.max_length
     plan = block_plan(3, [(4, [4, 1, 3]), (4, [2, 4, 4]), (1, [1, 1, 1])])
@@ -151,6 +151,22 @@ def test_fused_greedy_generation_equals_reference():
     spec = speculative_generate(model, model, ids, k=3, max_new_tokens=8, kernels="fused")
     assert torch.equal(spec.tokens, expected)
     assert spec.stats.acceptance_rate == 1.0
+
+
+def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop():
+    """The plain greedy loop's one-kernel bookkeeping (commit, argmax, record, EOS): with an EOS that
+    stops one row mid-way, tokens, counts and the cache lengths equal the reference loop's."""
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    ids = prompts(batch=3, length=5, seed=4)
+    free = generate(model, ids, max_new_tokens=9, kernels="reference").tokens
+    eos = int(free[1, 3])  # row 1 stops at its 4th token; other rows where (if) they meet it
+    decoders = {kernels: PlainDecoder(model, 3, 32, kernels=kernels) for kernels in ("reference", "fused")}
+    outs = {kernels: d.generate(ids, max_new_tokens=9, eos_token_id=eos, pad_token_id=7) for kernels, d in decoders.items()}
+    assert torch.equal(outs["fused"].tokens, outs["reference"].tokens)
+    assert torch.equal(outs["fused"].num_tokens, outs["reference"].num_tokens)
+    assert int(outs["fused"].num_tokens[1]) == list(free[1]).index(eos) + 1 < 9
+    assert (outs["fused"].tokens[1, 4:] == 7).all()
+    assert torch.equal(decoders["fused"].session.lengths, decoders["reference"].session.lengths)
 
 
 @pytest.mark.parametrize("row_programs", [True, False], ids=["row-programs", "rows-walked-in-one-program"])

@@ -230,10 +230,11 @@ class PlainDecoder:
     def _greedy_graphed(self, token, eos, max_new_tokens, pad_token_id, sync_every):
         """Greedy decoding with the per-token bookkeeping inside the graph: the host only replays.
 
-        The same steps as the sampling loop (record, mark finished rows, extend, commit, choose);
+        The same steps as the sampling loop (extend, commit, choose, record, mark finished rows);
         on a GPU a token costs one graph launch and no host-side tensor ops, which at batch 1 are
-        otherwise as slow as the model step itself. Without CUDA graphs the body runs eagerly,
-        so CPU tests check exactly this code.
+        otherwise as slow as the model step itself; with fused kernels the bookkeeping after the
+        step is one kernel too. Without CUDA graphs the body runs eagerly, so CPU tests check
+        exactly this code.
         The graph and its tensors are kept for the next call with the same EOS and pad.
         """
         key = (tuple(eos.tolist()), pad_token_id)
@@ -245,12 +246,11 @@ class PlainDecoder:
         for name in ("counts", "finished", "column"):
             state[name].zero_()
         sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
+        record()  # the prefill's token; each replay records the token it chooses
         for step in range(max_new_tokens - 1):
             graph.replay()
             if (step + 1) % sync_every == 0 and bool(state["finished"].all()):
                 break
-        else:
-            record()
         return GenerationResult(state["tokens"][:, :max_new_tokens].clone(), state["counts"].clone())
 
     def _capture_loop(self, token, eos, pad_token_id):
@@ -262,22 +262,32 @@ class PlainDecoder:
             "tokens": torch.full((b, session.max_length), pad_token_id, dtype=torch.long, device=device),
             "counts": torch.zeros(b, dtype=torch.long, device=device),
             "finished": torch.zeros(b, dtype=torch.bool, device=device),
-            "column": torch.zeros(1, 1, dtype=torch.long, device=device),  # the column to write next
+            "column": torch.zeros(b, 1, dtype=torch.long, device=device),  # where each row records (all equal)
         }
         token, tokens, counts, finished, column = state.values()
 
         def record():
             live = ~finished
-            tokens.scatter_(1, column.expand(b, 1), torch.where(live, token, pad_token_id)[:, None])
+            tokens.scatter_(1, column, torch.where(live, token, pad_token_id)[:, None])
             counts.add_(live.long())
             finished.logical_or_((token[:, None] == eos[None, :]).any(-1))
 
-        def body():
-            record()
-            logits = session.step(token[:, None])[:, -1]
+        def advance(logits):
+            """Commit the step for live rows, choose its argmax and record it (one kernel when fused)."""
+            if session.kernels == "fused":
+                from pipeline.ops.fused_decode import greedy_advance
+
+                cache = session.cache
+                greedy_advance(logits, cache.lengths, cache.replay, token, column, tokens, counts, finished, eos,
+                               pad_token_id)
+                return
             session.cache.commit((~finished).long())
             token.copy_(logits.argmax(-1))
             column.add_(1)
+            record()
+
+        def body():
+            advance(session.step(token[:, None])[:, -1])
 
         return session.capture(body, list(state.values())), state, record
 

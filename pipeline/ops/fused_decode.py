@@ -42,8 +42,12 @@ except ImportError:  # pragma: no cover - older Triton
 # Programmatic dependent launch (on by default on Hopper+; PIPELINE_FUSED_PDL=0 turns it off; CUDA
 # graphs keep it): each GEMV, mixer and attention kernel may start while the one before it
 # finishes, loads its weights, and waits (gdc_wait) only before reading activations. Before the
-# wait a kernel reads nothing that any kernel writes. Measured on an H100 (teacher shape, b1):
-# a graph step of 623 us without, 513 us with (reports/gpu/decode-fused-2026-11-26).
+# wait a kernel reads nothing that a kernel of the same forward writes: weights, and for the mixer
+# and attention what their own layer wrote in earlier forwards plus the lengths and replay counts.
+# A forward starts with a plain launch (the embedding), so all of that is complete by then; the
+# only PDL kernel after a forward, greedy_advance, waits before it touches anything. Measured on
+# an H100 (teacher shape, b1): a graph step of 623 us without, 513 us with
+# (reports/gpu/decode-fused-2026-11-26).
 @functools.cache
 def _pdl() -> bool:
     """Whether to launch with PDL: asked at the first launch, so importing never touches CUDA."""
@@ -248,30 +252,22 @@ def _gemv_residual_kernel(
         tl.store(out_ptr + m * s_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _autotuned(kernel, key: list[str]):
-    """The kernel with its warp count picked per shape on first use; timings cached on disk
-    (each speed stage is a new process on the same machine) where Triton can."""
-    configs = [triton.Config({}, num_warps=w) for w in (1, 2, 4, 8)]
-    try:
-        return triton.autotune(configs, key=key, cache_results=True)(kernel)
-    except TypeError:  # Triton without cache_results
-        return triton.autotune(configs, key=key)(kernel)
+# GEMV programs: (weights per program, warps), for layer-sized weights and for those above
+# ROW_PROGRAMS_MAX_BYTES (the LM head). Under PDL a GEMV loads its weights while the kernel before
+# runs, so what a step waits for is each program's reductions after the wait: small programs of one
+# warp reduce by shuffles alone. Measured on an H100 in captured steps (benchmarks/fused_variants.py,
+# 50% hybrid, b1 p512): 8k weights and 4 warps 642 us, warps autotuned per shape 599 us, 1k
+# weights (one output row) and 1 warp 513 us. Fixed settings also keep a row's arithmetic the
+# same in every process. Module attributes, so that the benchmark can sweep them.
+GEMV_LAYER = (1024, 1)
+GEMV_LARGE = (8192, 4)
 
 
-# On a GPU only (these two kernels are pure, so re-running them is safe). PIPELINE_FUSED_AUTOTUNE=0
-# keeps Triton's default warps: each (shape, rows, dtype) compiles once instead of four times; the
-# arithmetic per row is the same, only the speed may differ.
-if os.environ.get("TRITON_INTERPRET") != "1" and os.environ.get("PIPELINE_FUSED_AUTOTUNE", "1") != "0":
-    # Not keyed on M (rows per program): one warp count per weight shape, whatever the block, so a
-    # row's reduction order, and with it its rounding, is the same in plain steps and verification.
-    _norm_gemv_kernel = _autotuned(_norm_gemv_kernel, ["N", "K", "SWIGLU"])
-    _gemv_residual_kernel = _autotuned(_gemv_residual_kernel, ["N", "K"])
-
-
-def _gemv_blocks(n: int, k: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): all of K per program, about 8k weights per program (64 per thread)."""
+def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) of a GEMV over ``weight`` (n, k): all of K per program."""
+    per_program, warps = GEMV_LARGE if weight.numel() * weight.element_size() > ROW_PROGRAMS_MAX_BYTES else GEMV_LAYER
     block_k = triton.next_power_of_2(k)
-    return max(1, min(triton.next_power_of_2(n), 8192 // block_k)), block_k
+    return max(1, min(triton.next_power_of_2(n), per_program // block_k)), block_k, warps
 
 
 def _block_n(n: int) -> int:
@@ -285,13 +281,13 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     if m <= GEMV_MAX_ROWS:
-        block_n, block_k = _gemv_blocks(n, k)
+        block_n, block_k, warps = _gemv_config(n, k, weight)
         grid, rows = _gemv_grid(m, n, weight, block_n)
         _norm_gemv_kernel[grid](
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
             out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
             M=rows, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            USE_PDL=_pdl(), launch_pdl=_pdl(),
+            USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
         )
         return out
     block_n = _block_n(n)
@@ -311,12 +307,13 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
     n = weight.shape[0]
     out = torch.empty(m, n, device=a.device, dtype=residual.dtype)
     if m <= GEMV_MAX_ROWS:
-        block_n, block_k = _gemv_blocks(n, k)
+        block_n, block_k, warps = _gemv_config(n, k, weight)
         grid, rows = _gemv_grid(m, n, weight, block_n)
         _gemv_residual_kernel[grid](
             a, weight, bias if bias is not None else weight, residual, out,
             n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
             M=rows, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, USE_PDL=_pdl(), launch_pdl=_pdl(),
+            num_warps=warps,
         )
         return out
     block_n = _block_n(n)
@@ -343,24 +340,43 @@ def _softplus(x):
 
 
 @triton.jit
-def _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, chan, col, b, row0, t, pos0, W,
-               s_pm, s_wb, s_wc, dtype, WIDTH: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """Causal conv + SiLU at position ``pos0 + t`` of channels ``chan`` (in-proj columns ``col``).
+def _conv_silu(proj_ptr, col, row0, t, before, conv_w, conv_b, s_pm, dtype,
+               WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """Causal conv + SiLU of the block's token ``t`` on in-proj columns ``col``.
 
-    Taps before the block come from the ring buffer (slot = position mod W); taps inside the
-    block from the in-proj output itself. Rounded to the model dtype, as the reference's conv.
+    ``before`` (channels, TAPS) holds the conv inputs of the positions just before the block
+    (column i: position ``pos0 - 1 - i``) and ``conv_w`` (channels, TAPS) the taps; which tap reads
+    which is known at compile time. Taps inside the block read the in-proj output. Rounded to the
+    model dtype, as the reference's conv.
     """
-    acc = tl.zeros(chan.shape, dtype=tl.float32)
+    taps = tl.arange(0, TAPS)
+    acc = tl.zeros([col.shape[0]], dtype=tl.float32)
     for j in tl.static_range(WIDTH):
-        q = pos0 + t - (WIDTH - 1) + j
-        before = q < pos0
-        u_ring = tl.load(window_ptr + b * s_wb + chan * s_wc + (q + W) % W, mask=(chan >= 0) & before, other=0.0)
-        u_block = tl.load(proj_ptr + (row0 + q - pos0) * s_pm + col, mask=(chan >= 0) & (q >= pos0), other=0.0)
-        u = tl.where(before, u_ring.to(tl.float32), u_block.to(tl.float32))
-        acc += u * tl.load(conv_w_ptr + chan * WIDTH + j).to(tl.float32)
+        w = tl.sum(tl.where(taps[None, :] == j, conv_w, 0.0), axis=1)
+        if t - (WIDTH - 1) + j < 0:  # a position before the block
+            u = tl.sum(tl.where(taps[None, :] == WIDTH - 2 - t - j, before, 0.0), axis=1)
+        else:
+            u = tl.load(proj_ptr + (row0 + t - (WIDTH - 1) + j) * s_pm + col).to(tl.float32)
+        acc += u * w
     if HAS_CONV_BIAS:  # after the taps, as the reference conv adds it
-        acc += tl.load(conv_b_ptr + chan).to(tl.float32)
+        acc += conv_b
     return (acc / (1.0 + tl.exp(-acc))).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, chan, b, pos0, W, s_wb, s_wc,
+                 WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
+    """What the conv of channels ``chan`` needs besides the block: the ring's last WIDTH-1 inputs
+    before ``pos0`` (slot = position mod W), the conv weights and bias (all fp32)."""
+    taps = tl.arange(0, TAPS)
+    back = taps < WIDTH - 1
+    slots = (pos0 - 1 - taps + W) % W
+    before = tl.load(window_ptr + b * s_wb + chan[:, None] * s_wc + slots[None, :], mask=back[None, :], other=0.0)
+    conv_w = tl.load(conv_w_ptr + chan[:, None] * WIDTH + taps[None, :], mask=(taps < WIDTH)[None, :], other=0.0)
+    conv_b = tl.zeros([chan.shape[0]], dtype=tl.float32)
+    if HAS_CONV_BIAS:
+        conv_b = tl.load(conv_b_ptr + chan).to(tl.float32)
+    return before.to(tl.float32), conv_w.to(tl.float32), conv_b
 
 
 @triton.jit
@@ -376,7 +392,7 @@ def _mamba2_mixer_kernel(
     s_hbb, s_hbt, s_hbh,
     s_ym,
     T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, WIDTH: tl.constexpr,
-    HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+    TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -396,11 +412,18 @@ def _mamba2_mixer_kernel(
     dt_bias = tl.load(dt_bias_ptr + h).to(tl.float32)
     d_skip = tl.load(d_ptr + h).to(tl.float32)
     norm_w = tl.load(norm_w_ptr + h * P + offs_p).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()  # parameters above; the cache and the in-proj output below
+    # Everything up to the wait reads only what this layer's mixer wrote in earlier forwards, or the
+    # lengths and replay counts set before the forward began (a forward's kernels are chained by
+    # PDL after a plain launch, so all of that is complete); only the in-proj output is waited for.
     pos0 = tl.load(lengths_ptr + b)
     n_replay = tl.load(replay_ptr + b)
     row0 = b * T
+    before_x, conv_w_x, conv_b_x = _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, cx, b, pos0, W, s_wb, s_wc,
+                                                WIDTH, TAPS, HAS_CONV_BIAS)
+    before_b, conv_w_b, conv_b_b = _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, cb, b, pos0, W, s_wb, s_wc,
+                                                WIDTH, TAPS, HAS_CONV_BIAS)
+    before_c, conv_w_c, conv_b_c = _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, cc, b, pos0, W, s_wb, s_wc,
+                                                WIDTH, TAPS, HAS_CONV_BIAS)
 
     # 1. replay the accepted steps of the last block from the verified state; store the result
     state_ptrs = state_ptr + b * s_sb + h * s_sh + offs_p[:, None] * s_sp + offs_n[None, :]
@@ -414,16 +437,18 @@ def _mamba2_mixer_kernel(
         state = tl.where(live, stepped, state)
     tl.store(state_ptrs, state)
     tl.debug_barrier()  # the history slots just read are overwritten below
+    if USE_PDL:
+        gdc_wait()  # the in-proj output below comes from the kernel before
 
     # 2. the block: conv, scan from the replayed state, gated norm; its inputs become the history
     for t in tl.static_range(T):
         row = row0 + t
-        x = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cx, D_INNER + cx, b, row0, t, pos0, W,
-                       s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
-        bv = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cb, D_INNER + cb, b, row0, t, pos0, W,
-                        s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
-        cv = _conv_silu(proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, cc, D_INNER + cc, b, row0, t, pos0, W,
-                        s_pm, s_wb, s_wc, dtype, WIDTH, HAS_CONV_BIAS)
+        x = _conv_silu(proj_ptr, D_INNER + cx, row0, t, before_x, conv_w_x, conv_b_x, s_pm, dtype,
+                       WIDTH, TAPS, HAS_CONV_BIAS)
+        bv = _conv_silu(proj_ptr, D_INNER + cb, row0, t, before_b, conv_w_b, conv_b_b, s_pm, dtype,
+                        WIDTH, TAPS, HAS_CONV_BIAS)
+        cv = _conv_silu(proj_ptr, D_INNER + cc, row0, t, before_c, conv_w_c, conv_b_c, s_pm, dtype,
+                        WIDTH, TAPS, HAS_CONV_BIAS)
         raw = tl.load(proj_ptr + row * s_pm + D_INNER + conv_dim + h).to(tl.float32) + dt_bias
         dt = _softplus(raw)
         tl.store(hx_ptr + b * s_hxb + t * s_hxt + h * s_hxh + offs_p, x.to(hx_ptr.dtype.element_ty))
@@ -444,6 +469,9 @@ def _mamba2_mixer_kernel(
         tl.store(ring + cx * s_wc, tl.load(inputs + cx).to(window_ptr.dtype.element_ty))
         tl.store(ring + cb * s_wc, tl.load(inputs + cb).to(window_ptr.dtype.element_ty))
         tl.store(ring + cc * s_wc, tl.load(inputs + cc).to(window_ptr.dtype.element_ty))
+
+
+MIXER_WARPS = 4  # one program per (row, head)
 
 
 def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor,
@@ -469,8 +497,9 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         hdt.stride(0), hdt.stride(1),
         hb.stride(0), hb.stride(1), hb.stride(2),
         y.stride(0),
-        T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], HAS_CONV_BIAS=mixer.conv1d.bias is not None,
-        USE_PDL=_pdl(), launch_pdl=_pdl(),
+        T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], TAPS=triton.next_power_of_2(conv_w.shape[1]),
+        HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=MIXER_WARPS,
     )
     return y
 
@@ -491,6 +520,23 @@ def _rotate(ptr, offs_d, pos, inv_freq, rope_scale, dtype, D: tl.constexpr):
 
 
 @triton.jit
+def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW,
+                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``."""
+    scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+    visible = (slots < end)[None, :] & (slots[None, :] <= pos_r[:, None])
+    if HAS_WINDOW:
+        visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    probs = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(probs, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
@@ -508,23 +554,35 @@ def _attention_kernel(
     offs_d = tl.arange(0, D)
     dtype = k_cache_ptr.dtype.element_ty
     inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2)).to(tl.float32)
-    if USE_PDL:
-        gdc_wait()
+    # Before the wait: the lengths (set before the forward began) and this split's first tile of
+    # keys and values written by earlier forwards (positions before the block), so that only the
+    # block's q/k/v are read after it. The block's own slots are filled in from registers below.
     pos0 = tl.load(lengths_ptr + b)
     lo = split * SPLIT_LEN
     hi = lo + SPLIT_LEN
+    end = tl.minimum(hi, pos0 + T)
     cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
+    slots = lo + tl.arange(0, BLOCK_L)
+    earlier = (slots < tl.minimum(hi, pos0))[:, None]
+    tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
+    keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
+    values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
+    if USE_PDL:
+        gdc_wait()  # the q/k/v projection of the block comes from the kernel before
 
-    # the block's keys (rotated) and values go into the cache slots of this split
+    # the block's keys (rotated) and values go into the cache slots of this split, and into the tile
     for t in tl.static_range(T):
         pos = pos0 + t
         mine = (pos >= lo) & (pos < hi)
         row_ptr = qkv_ptr + (b * T + t) * s_qm
         k = _rotate(row_ptr + (hq + kvh) * D, offs_d, pos, inv_freq, rope_scale, dtype, D)
-        v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d)
+        v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
-        tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v.to(dtype), mask=(offs_d >= 0) & mine)
-    tl.debug_barrier()
+        tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
+        here = ((slots == pos) & mine)[:, None]
+        keys = tl.where(here, k[None, :], keys)
+        values = tl.where(here, v[None, :], values)
+    tl.debug_barrier()  # later tiles are read back from the cache
 
     # queries: row r = i * T + t is query head kvh * REP + i at token t
     offs_r = tl.arange(0, BLOCK_R)
@@ -545,25 +603,14 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    end = tl.minimum(hi, pos0 + T)
-    offs_l = tl.arange(0, BLOCK_L)
-    for l0 in range(lo, end, BLOCK_L):
-        slots = l0 + offs_l
-        in_range = slots < end
-        kv_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
-        keys = tl.load(k_cache_ptr + kv_ptrs, mask=in_range[:, None], other=0.0)
-        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-        visible = in_range[None, :] & (slots[None, :] <= pos_r[:, None])
-        if HAS_WINDOW:
-            visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        probs = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(probs, axis=1)
-        values = tl.load(v_cache_ptr + kv_ptrs, mask=in_range[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(probs.to(dtype), values, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
+        later = l0 + tl.arange(0, BLOCK_L)
+        later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
+        later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
+                                     HAS_WINDOW, PRECISION)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -601,17 +648,34 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
     tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
-def attention_splits(max_length: int, split_len: int = 128) -> tuple[int, int]:
-    """(splits, keys per split) for a KV buffer of ``max_length`` slots: one split up to 256 keys.
+# Key splits (flash decoding): a program reads its split's first tile of keys and values before it
+# waits for the q/k/v projection. Measured on an H100 in captured steps (benchmarks/fused_variants.py,
+# b1, 50% hybrid / teacher): splits of 64 keys in tiles of 64 with 8 warps beat splits of 128 keys
+# with 4 warps up to 8k keys (p512: 400 against 431 us / 445 against 486 us; p4096: 426 against
+# 456 / 476 against 544); at 16k keys 65 splits of 256 keys in tiles of 128 did best (490 us).
+KEYS_PER_SPLIT = 64
+MAX_SPLITS = 128
+LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
+ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
+
+
+def attention_splits(max_length: int) -> tuple[int, int]:
+    """(splits, keys per split) for a KV buffer of ``max_length`` slots.
 
     A program walks its split serially, so long splits are latency; more splits cost one more
     (small) launch to merge them.
     """
-    if max_length <= 2 * split_len:
+    if max_length <= KEYS_PER_SPLIT:
         return 1, max_length
-    splits = min(64, triton.cdiv(max_length, split_len))
-    per_split = triton.cdiv(triton.cdiv(max_length, splits), 64) * 64
+    splits = min(MAX_SPLITS, triton.cdiv(max_length, KEYS_PER_SPLIT))
+    unit = KEYS_PER_SPLIT if max_length <= KEYS_PER_SPLIT * MAX_SPLITS else LONG_SPLIT_UNIT
+    per_split = triton.cdiv(triton.cdiv(max_length, splits), unit) * unit
     return triton.cdiv(max_length, per_split), per_split
+
+
+def _attention_tile(split_len: int) -> int:
+    """Keys per tile: a split of up to 128 keys in one tile, longer ones in tiles of 128."""
+    return min(LONG_SPLIT_UNIT, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -636,8 +700,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=64, SPLITS=n_splits,
-        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), launch_pdl=_pdl(),
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
+        SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
@@ -646,3 +711,60 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
             D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(),
         )
     return out
+
+
+# --- the greedy decoding loop's bookkeeping -------------------------------------------------------
+
+
+@triton.jit
+def _greedy_advance_kernel(
+    logits_ptr, s_lm, V, lengths_ptr, replay_ptr, token_ptr, column_ptr, tokens_ptr, s_tm, counts_ptr, finished_ptr,
+    eos_ptr, N_EOS, pad, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # the logits come from the kernel before
+    r = tl.program_id(0)
+    done = tl.load(finished_ptr + r) != 0
+    keep = 1 - done.to(tl.int64)  # the step just run counts for live rows only
+    tl.store(lengths_ptr + r, tl.load(lengths_ptr + r) + keep)
+    tl.store(replay_ptr + r, keep)
+    # argmax, the first index among equal maxima (as torch.argmax): a running max per lane, one reduction
+    offs = tl.arange(0, BLOCK_V)
+    best = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
+    best_at = tl.zeros([BLOCK_V], dtype=tl.int32)
+    for v0 in range(0, V, BLOCK_V):
+        x = tl.load(logits_ptr + r * s_lm + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
+        better = x > best
+        best = tl.where(better, x, best)
+        best_at = tl.where(better, v0 + offs, best_at)
+    top = tl.max(best, axis=0)
+    token = tl.min(tl.where(best == top, best_at, V), axis=0).to(tl.int64)
+    tl.store(token_ptr + r, token)
+    # record it: the row's next column, the pad for finished rows; an EOS finishes the row
+    column = tl.load(column_ptr + r) + 1
+    tl.store(column_ptr + r, column)
+    tl.store(tokens_ptr + r * s_tm + column, tl.where(done, pad, token))
+    tl.store(counts_ptr + r, tl.load(counts_ptr + r) + keep)
+    offs_e = tl.arange(0, BLOCK_E)
+    eos = tl.load(eos_ptr + offs_e, mask=offs_e < N_EOS, other=-1)
+    hit = tl.sum((eos == token).to(tl.int32), axis=0) > 0
+    tl.store(finished_ptr + r, (done | hit).to(tl.uint8))
+
+
+def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor, token: torch.Tensor,
+                   column: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, finished: torch.Tensor,
+                   eos: torch.Tensor, pad: int) -> None:
+    """After a one-token step, in one launch instead of about fifteen small ones: commit the step for
+    live rows (``lengths += keep``, ``replay = keep``, as :meth:`StaticHybridCache.commit`), take
+    each row's argmax of ``logits`` (b, V) into ``token``, advance ``column`` (b, 1) and write the
+    token there in ``tokens`` (the pad for finished rows), count it, and finish rows that chose an
+    EOS id. NaN logits are never chosen (torch.argmax would choose them).
+    """
+    b, v = logits.shape
+    _greedy_advance_kernel[(b,)](
+        logits, logits.stride(0), v, lengths, replay, token, column, tokens, tokens.stride(0), counts,
+        finished.view(torch.uint8), eos, eos.numel(), pad,
+        BLOCK_V=min(8192, triton.next_power_of_2(v)), BLOCK_E=triton.next_power_of_2(eos.numel()),
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=8,
+    )
