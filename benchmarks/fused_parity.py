@@ -11,6 +11,7 @@ decoding, token for token: plain fused (CUDA graphs) vs plain reference, and spe
 with the model as its own draft (acceptance must be 1) vs plain fused.
 
     python benchmarks/fused_parity.py [--out results/fused_parity.json] [--layers 30]
+    python benchmarks/fused_parity.py --teacher path/to/SmolLM2-135M-Instruct.Q4_1.gguf   # trained weights
     TRITON_INTERPRET=1 python benchmarks/fused_parity.py --device cpu --layers 2 --quick
 """
 
@@ -21,6 +22,7 @@ import json
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import torch
 
@@ -50,6 +52,15 @@ def smollm2_like(layers: int, device: str, quick: bool) -> LlamaForCausalLM:
     return model
 
 
+def real_teacher(source: str, device: str):
+    """A teacher loaded the way the pipeline imports it (a .gguf is dequantised), in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(source)
+    kwargs = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
+    return AutoModelForCausalLM.from_pretrained(path.parent if kwargs else path, dtype=torch.float32, **kwargs).to(device).eval()
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
 
@@ -73,10 +84,14 @@ def main() -> int:
     parser.add_argument("--kernels", default="fused", help="fused step kinds to check")
     parser.add_argument("--cases", default=None, help="only these models, e.g. 'hybrid 0.5,teacher'")
     parser.add_argument("--greedy-only", action="store_true", help="skip the logits comparison over blocks")
+    parser.add_argument("--teacher", default=None,
+                        help="a real teacher (.gguf file or model directory) instead of random weights: trained "
+                             "weights round differently from random ones, and they are what the kernels will run")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     graphs = args.device == "cuda"
-    teacher = smollm2_like(args.layers, args.device, args.quick)
+    teacher = smollm2_like(args.layers, args.device, args.quick) if args.teacher is None else real_teacher(args.teacher, args.device)
+    args.layers = teacher.config.num_hidden_layers
     models = {  # first the kernel level: one attention and one Mamba2 layer, before depth compounds errors
         "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval(),
         "teacher": teacher,
