@@ -2,7 +2,7 @@
 
 SmolLM2-135M shapes with random weights (speed does not depend on them), bf16, batch 1. For the
 teacher (ratio 0) and each hybrid ratio, and each prompt length: µs per replay of the captured
-step (no host work) and the tok/s it stands for. Each ``--variant`` sets tuning attributes of
+step (no host work) and the tok/s it stands for; ``--per-graph`` captures several steps per graph. Each ``--variant`` sets tuning attributes of
 :mod:`pipeline.ops.fused_decode` (``;``-separated ``NAME=VALUE``, e.g. ``GEMV_LAYER=(2048,1)`` or
 ``KEYS_PER_SPLIT=128;ATTENTION_WARPS=4``) before its sessions are built; ``default`` keeps the
 module's. ``--label`` names the code measured, so that two runs of one call (say, before and after
@@ -19,15 +19,37 @@ import ast
 import json
 import os
 import sys
+import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
-from benchmarks.fused_profile import graph_step_us  # noqa: E402
+from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
+
+
+def graph_step_us(model, prompt: torch.Tensor, steps_per_graph: int, replays: int) -> float:
+    """µs per one-token step, replaying a graph of ``steps_per_graph`` steps back to back (nothing
+    committed: every step sees the same cache length). More steps per graph leave out the gaps
+    between graph launches, and let programmatic dependent launch reach across steps."""
+    session = DecodeSession(model, 1, prompt.numel() + 16, kernels="fused")
+    token = session.prefill([prompt]).argmax(-1)[:, None]
+
+    def body():
+        for _ in range(steps_per_graph):
+            session.step(token)
+
+    graph = session.capture(body, [])
+    graph.replay()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / (replays * steps_per_graph) * 1e6
 
 
 def parse_variant(spec: str) -> dict:
@@ -48,7 +70,8 @@ def main() -> int:
     parser.add_argument("--ratios", default="0,0.5,0.75,0.875", help="0 = the teacher (all attention)")
     parser.add_argument("--prompts", default="512")
     parser.add_argument("--variant", action="append", default=None, help="NAME=VALUE;… (repeatable); default: none")
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=300, help="steps timed per setting")
+    parser.add_argument("--per-graph", default="1", help="one-token steps captured per graph, comma separated")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -57,7 +80,7 @@ def main() -> int:
     for ratio in (float(r) for r in args.ratios.split(",")):
         models[f"{ratio:g}"] = teacher if ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, ratio)).eval()
     rows = []
-    print(f"{'label':<8} {'variant':<34} {'ratio':<6} {'prompt':>6} {'step us':>8} {'tok/s':>7}", flush=True)
+    print(f"{'label':<8} {'variant':<34} {'ratio':<6} {'prompt':>6} {'graph':>5} {'step us':>8} {'tok/s':>7}", flush=True)
     defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
     for spec in args.variant or ["default"]:
         for name, value in defaults.items():
@@ -67,9 +90,12 @@ def main() -> int:
         for name, model in models.items():
             for length in (int(p) for p in args.prompts.split(",")):
                 prompt = torch.randint(1, teacher.config.vocab_size, (length,), device="cuda")
-                step = graph_step_us(model, prompt, "fused", steps=args.steps)
-                rows.append({"label": args.label, "variant": spec, "ratio": name, "prompt": length, "step_us": step})
-                print(f"{args.label:<8} {spec:<34} {name:<6} {length:>6} {step:8.1f} {1e6 / step:7.0f}", flush=True)
+                for per_graph in (int(n) for n in args.per_graph.split(",")):
+                    step = graph_step_us(model, prompt, per_graph, max(1, args.steps // per_graph))
+                    rows.append({"label": args.label, "variant": spec, "ratio": name, "prompt": length,
+                                 "steps_per_graph": per_graph, "step_us": step})
+                    print(f"{args.label:<8} {spec:<34} {name:<6} {length:>6} {per_graph:>5} {step:8.1f} {1e6 / step:7.0f}",
+                          flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -657,6 +657,7 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
+COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
 
 def attention_splits(max_length: int) -> tuple[int, int]:
@@ -708,7 +709,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
             part_acc, part_ml, out, num_heads, n_splits,
             part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
-            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(),
+            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=COMBINE_WARPS,
         )
     return out
 
