@@ -90,11 +90,15 @@ def test_fused_step_equals_reference_logits_and_caches(ratio):
         assert _rel(b.conv_state(i), a.conv_state(i)) < 1e-5, i
 
 
+ODD_WIDTHS = {"hidden_size": 48, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 16, "intermediate_size": 96}
+
+
 @pytest.mark.parametrize("family,overrides", [("qwen2", {}), ("mistral", {"sliding_window": 4}),
-                                              ("llama", {"attention_bias": True})],
-                         ids=["qwen2-qkv-bias", "mistral-window-4", "llama-all-biases"])
+                                              ("llama", {"attention_bias": True}), ("llama", ODD_WIDTHS)],
+                         ids=["qwen2-qkv-bias", "mistral-window-4", "llama-all-biases", "widths-not-powers-of-two"])
 def test_fused_step_on_other_teacher_families(family, overrides):
-    """Qwen2 q/k/v biases, a Mistral sliding window (4 < prompt length), o_proj/out_proj biases: logits = reference."""
+    """Qwen2 q/k/v biases, a Mistral sliding window (4 < prompt length), o_proj/out_proj biases, and
+    widths that are not powers of two (48 = 32 + 16, 96 = 64 + 32: the GEMVs' two K pieces): logits = reference."""
     source = tiny_teacher(family, num_hidden_layers=2, **overrides)
     model = hybrid(source, 0.5)
     attn = model.model.layers[model.config.attention_layers[0]].self_attn
@@ -102,7 +106,7 @@ def test_fused_step_on_other_teacher_families(family, overrides):
         assert attn.q_proj.bias is not None
     elif family == "mistral":
         assert model.config.sliding_window == 4
-    else:
+    elif "attention_bias" in overrides:
         assert attn.o_proj.bias is not None and model.model.layers[model.config.mamba_layers[0]].mamba.out_proj.bias is not None
         with torch.no_grad():  # visible biases (the tiny teacher initialises them to zero)
             for layer in model.model.layers:
