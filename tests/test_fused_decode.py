@@ -209,6 +209,22 @@ def test_block_rows_get_their_own_gemv_programs_except_for_large_weights():
     assert _gemv_grid(5, 49152, head, 8) == ((6144, 1), 5)  # one program walks all five rows
 
 
+def test_gemv_settings_split_k_and_scale_warps_with_row_width():
+    """SmolLM2's measured settings (one row, one warp, K = 576 as 512 + 64); a power-of-two K is not
+    split; wider rows (an 8B teacher's K = 14336) get more warps instead of spilling one warp's registers."""
+    from pipeline.ops.fused_decode import _gemv_config
+
+    def config(n, k):
+        return _gemv_config(n, k, torch.empty(n, k, dtype=torch.bfloat16, device="meta"))
+
+    assert config(1545, 576) == (1, 512, 64, 1)  # Mamba in_proj
+    assert config(576, 1536) == (1, 1024, 512, 1)  # down_proj
+    assert config(49152, 576) == (8, 512, 64, 4)  # the head: large weights, 8 rows per program
+    assert config(64, 1024) == (1, 1024, 0, 1)
+    assert config(4096, 14336)[2:] == (0, 8)  # 14336 = 8192 + 6144 would not save lanes
+    assert config(1024, 4096)[3] == 2
+
+
 def test_fused_bad_input(monkeypatch):
     """Mamba1 mixers, CPU without the interpreter and torch.compile are refused at session creation."""
     source = teacher(0, num_hidden_layers=2)

@@ -3,7 +3,8 @@
 Same contract as :func:`pipeline.decoding.step.forward_block` — a block of T tokens per row at
 positions ``lengths[r] …``, logits out, nothing committed — but each layer is five kernel launches
 (:mod:`pipeline.ops.fused_decode`): norm + input projection, the mixer, output projection +
-residual, norm + SwiGLU, down projection + residual. At batch 1 that is what decoding speed is
+residual, norm + SwiGLU, down projection + residual (six for attention over more than 64 keys,
+whose key splits a small kernel merges). At batch 1 that is what decoding speed is
 made of: the step is bound by launches, not by reading the weights.
 
 Two layout choices come with it, made once per session: the cache keeps each Mamba layer's conv
@@ -86,6 +87,9 @@ class FusedStep:
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         ops, cache, base = self.ops, self.cache, self.model.model
         b, t = tokens.shape
+        # A plain (non-PDL) launch, and it must stay one: the mixer and attention kernels read the
+        # cache before they wait on the kernel before them, which is safe only because every kernel
+        # of earlier forwards has finished by the time this one starts.
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
         window = self.model.config.sliding_window
         for layer in base.layers:

@@ -16,7 +16,7 @@ beside it:
   and the gated per-head RMSNorm;
 * :func:`attention` — one program per (row, KV head, split of the key range): rotary embedding of
   the block's queries and keys, KV-cache write, masked attention (GQA without copies, sliding
-  window); :func:`attention` merges the splits of long contexts with a small second kernel
+  window); above 64 keys :func:`attention` merges the key splits with a small second kernel
   (flash-decoding).
 
 Rounding follows the PyTorch modules step by step (e.g. the normalised activations are cast to
@@ -43,7 +43,8 @@ except ImportError:  # pragma: no cover - older Triton
 # graphs keep it): each GEMV, mixer and attention kernel may start while the one before it
 # finishes, loads its weights, and waits (gdc_wait) only before reading activations. Before the
 # wait a kernel reads nothing that a kernel of the same forward writes: weights, and for the mixer
-# and attention what their own layer wrote in earlier forwards plus the lengths and replay counts.
+# and attention what their own layer wrote in earlier forwards plus the lengths and replay counts
+# (the mixer also stores its replayed SSM state there, which nothing else in a forward touches).
 # A forward starts with a plain launch (the embedding), so all of that is complete by then; the
 # only PDL kernel after a forward, greedy_advance, waits before it touches anything. Measured on
 # an H100 (teacher shape, b1): a graph step of 623 us without, 513 us with
@@ -159,7 +160,7 @@ def _linear_residual_kernel(
 
 
 # Few rows (plain decoding, a speculative block, small batches): a GEMV per program. Each program
-# loads its BLOCK_N weight rows whole (BLOCK_K >= K) in one go and reuses them for every row, so
+# loads its BLOCK_N weight rows whole (BLOCK_K + BLOCK_K2 >= K) in one go and reuses them for every row, so
 # nothing waits on a chain of K steps; the row loop is unrolled (M is a compile-time constant).
 GEMV_MAX_ROWS = 16
 # A GEMV program walks its rows one after another (each a reduction across the program), so a block
@@ -300,13 +301,19 @@ GEMV_SPLIT_K = True
 
 def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
     """(BLOCK_N, BLOCK_K, BLOCK_K2, warps) of a GEMV over ``weight`` (n, k): all of K per program,
-    in two power-of-two pieces where K is not one and GEMV_SPLIT_K is on."""
+    in two power-of-two pieces where that leaves fewer lanes idle and GEMV_SPLIT_K is on.
+
+    Warps grow with the program's weights past 64 per thread (wider teachers than SmolLM2's,
+    whose settings were measured): a row of K = 14336 in one warp would spill its registers.
+    """
     per_program, warps = GEMV_LARGE if weight.numel() * weight.element_size() > ROW_PROGRAMS_MAX_BYTES else GEMV_LAYER
     padded = triton.next_power_of_2(k)
     block_n = max(1, min(triton.next_power_of_2(n), per_program // padded))
-    if not GEMV_SPLIT_K or padded == k:
+    warps = max(warps, min(8, block_n * padded // (64 * 32)))
+    second = triton.next_power_of_2(k - padded // 2) if k != padded else 0
+    if not GEMV_SPLIT_K or second in (0, padded // 2):
         return block_n, padded, 0, warps
-    return block_n, padded // 2, triton.next_power_of_2(k - padded // 2), warps
+    return block_n, padded // 2, second, warps
 
 
 def _block_n(n: int) -> int:
@@ -454,6 +461,7 @@ def _mamba2_mixer_kernel(
     # Everything up to the wait reads only what this layer's mixer wrote in earlier forwards, or the
     # lengths and replay counts set before the forward began (a forward's kernels are chained by
     # PDL after a plain launch, so all of that is complete); only the in-proj output is waited for.
+    # The replayed state is stored before the wait too: nothing else in a forward touches it.
     pos0 = tl.load(lengths_ptr + b)
     n_replay = tl.load(replay_ptr + b)
     row0 = b * T
@@ -703,7 +711,10 @@ def attention_splits(max_length: int) -> tuple[int, int]:
     """(splits, keys per split) for a KV buffer of ``max_length`` slots.
 
     A program walks its split serially, so long splits are latency; more splits cost one more
-    (small) launch to merge them.
+    (small) launch to merge them. The layout depends on ``max_length``: two sessions of different
+    sizes (a plain decoder and a speculative target's, 2(K+1) slots longer) can merge a row's splits
+    in another order, so their bf16 logits may differ by rounding; within one session a block's rows
+    and one-token steps agree bit for bit.
     """
     if max_length <= KEYS_PER_SPLIT:
         return 1, max_length
