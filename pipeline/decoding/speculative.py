@@ -265,6 +265,9 @@ class PlainDecoder:
             "column": torch.zeros(b, 1, dtype=torch.long, device=device),  # where each row records (all equal)
         }
         token, tokens, counts, finished, column = state.values()
+        fused_advance = None
+        if session.kernels == "fused":
+            from pipeline.ops.fused_decode import greedy_advance as fused_advance  # Triton: only when asked for
 
         def record():
             live = ~finished
@@ -274,12 +277,10 @@ class PlainDecoder:
 
         def advance(logits):
             """Commit the step for live rows, choose its argmax and record it (one kernel when fused)."""
-            if session.kernels == "fused":
-                from pipeline.ops.fused_decode import greedy_advance
-
+            if fused_advance is not None:
                 cache = session.cache
-                greedy_advance(logits, cache.lengths, cache.replay, token, column, tokens, counts, finished, eos,
-                               pad_token_id)
+                fused_advance(logits, cache.lengths, cache.replay, token, column, tokens, counts, finished, eos,
+                              pad_token_id)
                 return
             session.cache.commit((~finished).long())
             token.copy_(logits.argmax(-1))

@@ -171,9 +171,14 @@ GEMV_MAX_ROWS = 16
 ROW_PROGRAMS_MAX_BYTES = 16 * 2**20
 
 
+def _large(weight: torch.Tensor) -> bool:
+    """Whether a GEMV's weight is too large to re-read from L2 per row (SmolLM2: only the head)."""
+    return weight.numel() * weight.element_size() > ROW_PROGRAMS_MAX_BYTES
+
+
 def _gemv_grid(m: int, n: int, weight: torch.Tensor, block_n: int) -> tuple[tuple[int, int], int]:
     """(grid, rows per program) of a GEMV over ``m`` rows."""
-    if m > 1 and weight.numel() * weight.element_size() <= ROW_PROGRAMS_MAX_BYTES:
+    if m > 1 and not _large(weight):
         return (triton.cdiv(n, block_n), m), 1
     return (triton.cdiv(n, block_n), 1), m
 
@@ -306,7 +311,7 @@ def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int, i
     Warps grow with the program's weights past 64 per thread (wider teachers than SmolLM2's,
     whose settings were measured): a row of K = 14336 in one warp would spill its registers.
     """
-    per_program, warps = GEMV_LARGE if weight.numel() * weight.element_size() > ROW_PROGRAMS_MAX_BYTES else GEMV_LAYER
+    per_program, warps = GEMV_LARGE if _large(weight) else GEMV_LAYER
     padded = triton.next_power_of_2(k)
     block_n = max(1, min(triton.next_power_of_2(n), per_program // padded))
     warps = max(warps, min(8, block_n * padded // (64 * 32)))
