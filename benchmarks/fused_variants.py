@@ -19,13 +19,13 @@ import ast
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_profile import timed  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
@@ -42,14 +42,7 @@ def graph_step_us(model, prompt: torch.Tensor, steps_per_graph: int, replays: in
         for _ in range(steps_per_graph):
             session.step(token)
 
-    graph = session.capture(body, [])
-    graph.replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(replays):
-        graph.replay()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / (replays * steps_per_graph) * 1e6
+    return timed(session.capture(body, []).replay, replays)[1] / steps_per_graph
 
 
 def parse_variant(spec: str) -> dict:

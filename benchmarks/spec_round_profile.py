@@ -22,33 +22,19 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
-from benchmarks.fused_profile import profile_kernels  # noqa: E402
+from benchmarks.fused_profile import profile_kernels, timed  # noqa: E402
 from pipeline.decoding.draft import build_draft  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.decoding.speculative import PlainDecoder, SpeculativeDecoder  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 
 REPLAYS = 1 + 200 + 10  # per graph: warm-up, timed, profiled
-
-
-def timed(replay, n: int = 200) -> tuple[float, float]:
-    """(host µs, wall µs) per replay of ``n`` back-to-back replays."""
-    replay()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        replay()
-    enqueued = time.perf_counter()
-    torch.cuda.synchronize()
-    done = time.perf_counter()
-    return (enqueued - start) / n * 1e6, (done - start) / n * 1e6
 
 
 def kernels(replay, n: int = 10) -> tuple[float, float, list[tuple[str, float, float]]]:
