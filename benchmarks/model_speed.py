@@ -3,7 +3,10 @@
 For the SmolLM2-135M shape (random weights: speed does not depend on them), batch 8 × 2048,
 bf16: forward+backward tokens/s and peak memory of the teacher and of hybrids with 50 / 75 /
 87.5% of attention replaced, for each kernel backend present (and each mixer type where the
-backend has its kernels). Prints a table; writes JSON to ``--out``.
+backend has its kernels), plus forward-only (prefill) tokens/s. A backend that cannot serve an op
+falls back (fla has no SSD backward on Hopper with Triton < 3.7.1), so each row names the
+backends that actually served the scan and the conv in the forward+backward and in the forward.
+Prints a table; writes JSON to ``--out``.
 
     python benchmarks/model_speed.py --out results/model_speed.json
 """
@@ -41,19 +44,28 @@ SMOLLM2 = dict(
 )
 
 
-def time_train_step(model, batch, length, steps, warmup):
-    """Median seconds of one forward+backward (+ zeroing grads) and the peak memory."""
-    device = "cuda"
-    x = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
+def served(mixer: str) -> str:
+    """The backends that served the latest scan and conv, e.g. ``mamba_ssm+fla``."""
+    if mixer == "-":
+        return "-"
+    scan = "ssd_scan" if mixer == "mamba2" else "selective_scan"
+    return f"{ops.backend.last_backend(scan)}+{ops.backend.last_backend('causal_conv1d')}"
+
+
+def median_step(model, batch, length, steps, warmup, train: bool):
+    """Median seconds of one forward (+ backward and zeroing grads when ``train``) and the peak memory."""
+    x = torch.randint(0, model.config.vocab_size, (batch, length), device="cuda")
     times = []
     torch.cuda.reset_peak_memory_stats()
     for i in range(warmup + steps):
         torch.cuda.synchronize()
         start = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = model(x, labels=x, use_cache=False).loss
-        loss.backward()
-        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
+            out = model(x, labels=x, use_cache=False)
+        if train:
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+        del out
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)
@@ -79,12 +91,16 @@ def main() -> None:
     rows = []
 
     def record(name, backend, mixer, model):
+        row = dict(model=name, backend=backend, mixer=mixer)
+        tokens = args.batch * args.length
         try:
-            sec, mem = time_train_step(model, args.batch, args.length, args.steps, args.warmup)
-            tps = args.batch * args.length / sec
-            rows.append(dict(model=name, backend=backend, mixer=mixer, tokens_per_s=tps, ms=sec * 1e3, peak_gib=mem))
+            sec, mem = median_step(model, args.batch, args.length, args.steps, args.warmup, train=True)
+            row.update(tokens_per_s=tokens / sec, ms=sec * 1e3, peak_gib=mem, served=served(mixer))
+            sec, _ = median_step(model, args.batch, args.length, args.steps, args.warmup, train=False)
+            row.update(forward_tokens_per_s=tokens / sec, forward_served=served(mixer))
         except Exception as exc:  # keep measuring the rest
-            rows.append(dict(model=name, backend=backend, mixer=mixer, error=f"{type(exc).__name__}: {exc}"[:200]))
+            row["error"] = f"{type(exc).__name__}: {exc}"[:200]
+        rows.append(row)
         torch.cuda.empty_cache()
 
     record("teacher", "-", "-", teacher)
@@ -99,12 +115,19 @@ def main() -> None:
                 record(f"hybrid@{ratio}", backend, mixer, hybrid)
                 del hybrid
     print(f"\nforward+backward, batch {args.batch} x {args.length}, bf16 autocast, {torch.cuda.get_device_name()}")
-    print(f"{'model':<14}{'backend':<11}{'mixer':<8}{'tokens/s':>12}{'ms/step':>10}{'peak GiB':>10}")
+    print(f"{'model':<14}{'backend':<11}{'mixer':<8}{'f+b tok/s':>12}{'ms/step':>10}{'peak GiB':>10}  "
+          f"{'served (f+b)':<20}{'fwd tok/s':>12}  served (fwd)")
     for r in rows:
-        if "error" in r:
-            print(f"{r['model']:<14}{r['backend']:<11}{r['mixer']:<8}  ERROR {r['error']}")
+        head = f"{r['model']:<14}{r['backend']:<11}{r['mixer']:<8}"
+        if "tokens_per_s" not in r:
+            print(f"{head}  ERROR {r['error']}")
+            continue
+        line = f"{head}{r['tokens_per_s']:>12,.0f}{r['ms']:>10.1f}{r['peak_gib']:>10.2f}  {r['served']:<20}"
+        if "forward_tokens_per_s" in r:
+            line += f"{r['forward_tokens_per_s']:>12,.0f}  {r['forward_served']}"
         else:
-            print(f"{r['model']:<14}{r['backend']:<11}{r['mixer']:<8}{r['tokens_per_s']:>12,.0f}{r['ms']:>10.1f}{r['peak_gib']:>10.2f}")
+            line += f"  forward ERROR {r['error']}"
+        print(line)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:

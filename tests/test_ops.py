@@ -312,3 +312,23 @@ def test_chosen_backend_is_logged_once(monkeypatch, caplog):
         causal_conv1d(x, weight, bias)
     messages = [r.getMessage() for r in caplog.records if r.name == "pipeline.ops"]
     assert len(messages) == 1 and "reference" in messages[0]
+
+
+def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
+    """Triton would run an fp32 SSD's dot products in tf32 (1e-3 off); the wrappers ask for ieee,
+    but never over a precision the user chose."""
+    knobs = pytest.importorskip("triton").knobs
+    import pipeline.ops.backend as backend
+
+    with knobs.language.scope():
+        monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+        del knobs.language.fp32_default  # back to the environment
+        backend.use_exact_fp32_dots()
+        assert knobs.language.fp32_default == "ieee"
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+
+    with knobs.language.scope():
+        del knobs.language.fp32_default
+        monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32x3")
+        backend.use_exact_fp32_dots()
+        assert knobs.language.fp32_default == "tf32x3"

@@ -22,6 +22,7 @@ from pipeline.errors import PipelineError
 log = logging.getLogger("pipeline.ops")
 
 ENV_VAR = "PIPELINE_KERNEL_BACKEND"
+_TRITON_FP32_VAR = "TRITON_F32_DEFAULT"
 BACKENDS = ("mamba_ssm", "fla", "reference")  # preference order for "auto" and fallbacks
 
 # op -> backend -> "module:function". Strings keep the fast modules unimported until used.
@@ -59,6 +60,27 @@ _PROBE_MODULES = {
     "mamba_ssm": ("mamba_ssm.ops.triton.ssd_combined",),
     "fla": ("fla.ops.simple_gla",),
 }
+
+
+def use_exact_fp32_dots() -> None:
+    """Make Triton's fp32 dot products full precision for the rest of the process.
+
+    Triton lowers an fp32 ``tl.dot`` that names no precision to tf32, which is what both
+    mamba-ssm's and fla's SSD kernels do; torch's own fp32 matmuls are full precision by default.
+    Left alone, an fp32 model's chunked scan on GPU is off by ~1e-3 (measured: dA 1.9e-3 through
+    mamba-ssm), so the fast SSD wrappers call this on their first fp32 call. Process-wide because
+    backward kernels compile outside any forward-time context; bf16 kernels are compiled per input
+    dtype, so a bf16-only process never sees it. A ``TRITON_F32_DEFAULT`` the user set is kept.
+    """
+    if os.environ.get(_TRITON_FP32_VAR):
+        return
+    try:
+        from triton import knobs
+    except ImportError:  # Triton < 3.4 reads the variable directly
+        os.environ[_TRITON_FP32_VAR] = "ieee"
+    else:
+        knobs.language.fp32_default = "ieee"  # also exported, so disk-cached kernels are keyed on it
+    log_once("fp32 inputs: Triton fp32 dot products set to ieee (full precision) for this process")
 
 
 class KernelUnsupported(Exception):
