@@ -118,6 +118,10 @@ def conv_call(t):
     return {"y": y, "final_state": final_state}
 
 
+def conv_train_call(t):
+    return {"y": ops.causal_conv1d(t["x"], t["weight"], t["bias"], activation="silu")}
+
+
 def first_token(t, keys):
     return {k: (v[:, 0].contiguous() if k in keys else v) for k, v in t.items()}
 
@@ -160,6 +164,8 @@ CASES = [
          lambda t: selective_scan_call(t, return_final_state=True), notes="no grad, final state"),
     Case("causal_conv1d", "causal_conv1d", conv_inputs, conv_call,
          grads=("x", "weight", "bias", "initial_state")),
+    Case("causal_conv1d[train]", "causal_conv1d", conv_inputs, conv_train_call, grads=("x", "weight", "bias"),
+         notes="no states, as in training"),
     Case("causal_conv1d[l=2]", "causal_conv1d", lambda d: conv_inputs(d, length=2), conv_call,
          grads=("x", "weight", "bias", "initial_state"), notes="l < w-1"),
     Case("ssd_step", "ssd_step", lambda d: first_token(ssd_inputs(d, length=1), ("x", "dt", "B", "C")),
@@ -175,7 +181,7 @@ CASES = [
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Route every op (steps take no backend argument) through ``name`` via the env override."""
+    """Route every op through ``name`` via the env override (the cases call the public ops without a backend)."""
     saved = os.environ.get(ENV_VAR)
     os.environ[ENV_VAR] = name
     try:

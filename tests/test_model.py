@@ -227,3 +227,18 @@ def test_backward_reaches_mamba_parameters():
     m = hybrid.model.layers[0].mamba
     for p in (m.in_proj.weight, m.A_log, m.dt_bias, m.D, m.conv1d.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
+def test_config_backend_reaches_the_decoding_steps(mixer, monkeypatch):
+    """config.kernel_backend wins over the environment for every op, the one-token steps included:
+    with the environment naming a backend this CPU lacks, the configured reference must serve all."""
+    hybrid = build_hybrid(tiny_teacher(), attention_layers=[1, 3], mixer_type=mixer).eval()
+    hybrid.config.kernel_backend = "reference"
+    monkeypatch.setenv("PIPELINE_KERNEL_BACKEND", "mamba_ssm")
+    x = ids(length=9)
+    with torch.no_grad():
+        out = hybrid(x[:, :8], use_cache=True)
+        step = hybrid(x[:, 8:], cache=out.cache, use_cache=True).logits
+        full = hybrid(x).logits
+    assert (step[:, 0] - full[:, 8]).abs().max().item() < 1e-5

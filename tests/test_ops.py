@@ -332,3 +332,29 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
         monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32x3")
         backend.use_exact_fp32_dots()
         assert knobs.language.fp32_default == "tf32x3"
+
+
+def test_causal_conv1d_package_is_not_asked_for_a_final_state_gradient(monkeypatch):
+    """causal-conv1d 1.7.0 gets dx wrong when the final state carries a gradient (measured on the
+    H100): the wrapper declines such calls, and only those, before touching the kernel."""
+    import types
+
+    import pipeline.ops.mamba_kernels as mamba_kernels
+    from pipeline.ops.backend import KernelUnsupported
+
+    calls = []
+    def conv_fn(x, *args, return_final_states=False, **kwargs):
+        calls.append(return_final_states)
+        return (x, x[..., -3:]) if return_final_states else x
+
+    fake = types.SimpleNamespace(causal_conv1d_fn=conv_fn)
+    monkeypatch.setattr(mamba_kernels, "_conv_package", lambda: fake)
+    x, weight, bias, state = conv_inputs(c=8, dtype=torch.float32)
+    x.requires_grad_()
+    with pytest.raises(KernelUnsupported, match="final-state gradient"):
+        mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
+    assert not calls
+    mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state)  # no final state: served
+    with torch.no_grad():
+        mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
+    assert calls == [False, True]

@@ -243,9 +243,10 @@ class Mamba2Mixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         if cache is not None and cache.has_previous_state and l == 1:
-            xbc = ops.causal_conv1d_step(xbc[:, 0], cache.conv_states[self.layer_idx], weight, self.conv1d.bias)
+            xbc = ops.causal_conv1d_step(xbc[:, 0], cache.conv_states[self.layer_idx], weight, self.conv1d.bias,
+                                         backend=backend)
             x, B, C = self._split_xbc(xbc)
-            y = ops.ssd_step(cache.ssm_states[self.layer_idx], x, dt[:, 0], A, B, C, self.D)
+            y = ops.ssd_step(cache.ssm_states[self.layer_idx], x, dt[:, 0], A, B, C, self.D, backend=backend)
             y = y.unsqueeze(1)
         else:
             continuing = cache is not None and cache.has_previous_state
@@ -348,10 +349,11 @@ class Mamba1Mixer(nn.Module):
         weight = self.conv1d.weight.squeeze(1)
         l = hidden_states.shape[1]
         if cache is not None and cache.has_previous_state and l == 1:
-            u = ops.causal_conv1d_step(x[:, 0], cache.conv_states[self.layer_idx], weight, self.conv1d.bias)
+            u = ops.causal_conv1d_step(x[:, 0], cache.conv_states[self.layer_idx], weight, self.conv1d.bias,
+                                       backend=backend)
             y = ops.selective_step(
                 cache.ssm_states[self.layer_idx], u, delta[:, 0], A, B[:, 0], C[:, 0], self.D,
-                z=z[:, 0], delta_bias=self.dt_bias, delta_softplus=True,
+                z=z[:, 0], delta_bias=self.dt_bias, delta_softplus=True, backend=backend,
             ).unsqueeze(1)
         else:
             continuing = cache is not None and cache.has_previous_state

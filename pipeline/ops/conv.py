@@ -84,7 +84,7 @@ def causal_conv1d(x, weight, bias=None, *, activation="silu", initial_state=None
     return (y, final_state) if return_final_state else y
 
 
-def causal_conv1d_step(x, conv_state, weight, bias=None, *, activation="silu"):
+def causal_conv1d_step(x, conv_state, weight, bias=None, *, activation="silu", backend=None):
     """One token x (b,c): updates ``conv_state`` (b,c,w-1) in place and returns y (b,c)."""
     _check_args("causal_conv1d_step", x, weight, bias, activation, conv_state, "conv_state", sequence=False)
-    return run_kernel("causal_conv1d_step", None, x.device, x, conv_state, weight, bias, activation=activation)
+    return run_kernel("causal_conv1d_step", backend, x.device, x, conv_state, weight, bias, activation=activation)

@@ -183,11 +183,11 @@ def selective_scan(
     return y, final_state if final_state.dtype == torch.float64 else final_state.float()
 
 
-def selective_step(state, u, delta, A, B, C, D=None, *, z=None, delta_bias=None, delta_softplus=True):
+def selective_step(state, u, delta, A, B, C, D=None, *, z=None, delta_bias=None, delta_softplus=True, backend=None):
     """One decoding token: u, delta, z (b,d); B, C (b,g,n); updates ``state`` (b,d,n) in place."""
     _check_args("selective_step", u, delta, A, B, C, D, z, delta_bias, state, tokens=False)
     return run_kernel(
-        "selective_step", None, u.device, state, u, delta, A, B, C, D,
+        "selective_step", backend, u.device, state, u, delta, A, B, C, D,
         z=z, delta_bias=delta_bias, delta_softplus=delta_softplus,
     )
 

@@ -181,10 +181,10 @@ def ssd_scan(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, retur
     return y, final_state if final_state.dtype == torch.float64 else final_state.float()
 
 
-def ssd_step(state, x, dt, A, B, C, D=None):
+def ssd_step(state, x, dt, A, B, C, D=None, *, backend=None):
     """One decoding token: updates ``state`` (b,h,p,n) in place and returns y (b,h,p)."""
     _check_step_args("ssd_step", state, x, dt, A, B, C, D, tokens=False)
-    return run_kernel("ssd_step", None, x.device, state, x, dt, A, B, C, D)
+    return run_kernel("ssd_step", backend, x.device, state, x, dt, A, B, C, D)
 
 
 def ssd_multi_step(state, x, dt, A, B, C, D=None, *, return_all_states=False):
