@@ -92,6 +92,14 @@ def generation_mismatches(model, device) -> dict[str, int]:
     return {"batch_vs_rows": per_row, "generate_vs_loop": loop}
 
 
+def print_row(r: dict) -> None:
+    if "full" not in r:
+        print(f"{r['mixer']:<8}{r['dtype']:<6}{r['backend']:<11}{'-':<22}  {r['status']}", flush=True)
+        return
+    print(f"{r['mixer']:<8}{r['dtype']:<6}{r['backend']:<11}{r['served']:<22}{r['full']:>10.2e}{r['decode']:>10.2e}"
+          f"{r['chunk']:>10.2e}{r['batch_vs_rows']:>7}{r['generate_vs_loop']:>6}  {r['status']}", flush=True)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backends", default="reference,mamba_ssm,fla")
@@ -104,6 +112,10 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(1)
     x = torch.randint(2, SHAPE["vocab_size"], (2, LENGTH), generator=g).to(device)
     rows, failed = [], False
+    where = torch.cuda.get_device_name() if device.type == "cuda" else str(device)
+    print(f"model parity, 4-layer SmolLM2-width hybrid (attention at layers 1, 3), {where}")
+    print(f"{'mixer':<8}{'dtype':<6}{'backend':<11}{'served (scan/step)':<22}{'full':>10}{'decode':>10}{'chunk':>10}"
+          f"{'batch':>7}{'loop':>6}  status", flush=True)
     reference_error = {}  # (mixer, dtype) -> the reference backend's worst error: the dtype's own cost
     for mixer in args.mixers.split(","):
         for dtype_name in args.dtypes.split(","):
@@ -118,6 +130,7 @@ def main(argv=None) -> int:
                 reason = ops.backend.unavailable_reason(backend, device)
                 if reason is not None:
                     rows.append({**row, "status": f"unavailable: {reason}"})
+                    print_row(rows[-1])
                     continue
                 model.config.kernel_backend = backend
                 with torch.no_grad():
@@ -137,17 +150,10 @@ def main(argv=None) -> int:
                 row["status"] = "ok" if ok else "FAIL"
                 failed |= not ok
                 rows.append(row)
+                print_row(row)
             del model
             torch.cuda.empty_cache() if device.type == "cuda" else None
 
-    print(f"\nmodel parity, 4-layer SmolLM2-width hybrid (attention at layers 1, 3), {torch.cuda.get_device_name() if device.type == 'cuda' else device}")
-    print(f"{'mixer':<8}{'dtype':<6}{'backend':<11}{'served (scan/step)':<22}{'full':>10}{'decode':>10}{'chunk':>10}{'batch':>7}{'loop':>6}  status")
-    for r in rows:
-        if "full" not in r:
-            print(f"{r['mixer']:<8}{r['dtype']:<6}{r['backend']:<11}{'-':<22}  {r['status']}")
-            continue
-        print(f"{r['mixer']:<8}{r['dtype']:<6}{r['backend']:<11}{r['served']:<22}{r['full']:>10.2e}{r['decode']:>10.2e}"
-              f"{r['chunk']:>10.2e}{r['batch_vs_rows']:>7}{r['generate_vs_loop']:>6}  {r['status']}")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as fh:

@@ -73,6 +73,19 @@ def median_step(model, batch, length, steps, warmup, train: bool):
     return times[len(times) // 2], torch.cuda.max_memory_allocated() / 2**30
 
 
+def print_row(r: dict) -> None:
+    head = f"{r['model']:<14}{r['backend']:<11}{r['mixer']:<8}"
+    if "tokens_per_s" not in r:
+        print(f"{head}  ERROR {r['error']}", flush=True)
+        return
+    line = f"{head}{r['tokens_per_s']:>12,.0f}{r['ms']:>10.1f}{r['peak_gib']:>10.2f}  {r['served']:<20}"
+    if "forward_tokens_per_s" in r:
+        line += f"{r['forward_tokens_per_s']:>12,.0f}  {r['forward_served']}"
+    else:
+        line += f"  forward ERROR {r['error']}"
+    print(line, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -81,6 +94,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--backends", default="mamba_ssm,fla,reference", help="comma-separated, those present are run")
     parser.add_argument("--mixers", default="mamba2,mamba1")
+    parser.add_argument("--ratios", default="0.5,0.75,0.875", help="fractions of attention layers replaced")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -89,6 +103,9 @@ def main() -> None:
     wanted = args.backends.split(",")
     backends = [b for b in wanted if ops.backend.unavailable_reason(b, torch.device("cuda")) is None]
     rows = []
+    print(f"forward+backward, batch {args.batch} x {args.length}, bf16 autocast, {torch.cuda.get_device_name()}")
+    print(f"{'model':<14}{'backend':<11}{'mixer':<8}{'f+b tok/s':>12}{'ms/step':>10}{'peak GiB':>10}  "
+          f"{'served (f+b)':<20}{'fwd tok/s':>12}  served (fwd)", flush=True)
 
     def record(name, backend, mixer, model):
         row = dict(model=name, backend=backend, mixer=mixer)
@@ -101,6 +118,7 @@ def main() -> None:
         except Exception as exc:  # keep measuring the rest
             row["error"] = f"{type(exc).__name__}: {exc}"[:200]
         rows.append(row)
+        print_row(row)
         torch.cuda.empty_cache()
 
     record("teacher", "-", "-", teacher)
@@ -109,25 +127,13 @@ def main() -> None:
         for mixer in args.mixers.split(","):
             if mixer == "mamba1" and backend == "reference":
                 continue  # the reference selective scan materialises (b, l, d, n) states: not a GPU path
-            for ratio in (0.5, 0.75, 0.875):
+            if mixer == "mamba1" and backend not in ops.backend.KERNELS["selective_scan"]:
+                continue  # fla has no selective scan: its rows would repeat the fallback's
+            for ratio in map(float, args.ratios.split(",")):
                 hybrid = build_hybrid(teacher, attention_layers_for_ratio(n_layers, ratio), mixer_type=mixer)
                 hybrid.config.kernel_backend = "auto"
                 record(f"hybrid@{ratio}", backend, mixer, hybrid)
                 del hybrid
-    print(f"\nforward+backward, batch {args.batch} x {args.length}, bf16 autocast, {torch.cuda.get_device_name()}")
-    print(f"{'model':<14}{'backend':<11}{'mixer':<8}{'f+b tok/s':>12}{'ms/step':>10}{'peak GiB':>10}  "
-          f"{'served (f+b)':<20}{'fwd tok/s':>12}  served (fwd)")
-    for r in rows:
-        head = f"{r['model']:<14}{r['backend']:<11}{r['mixer']:<8}"
-        if "tokens_per_s" not in r:
-            print(f"{head}  ERROR {r['error']}")
-            continue
-        line = f"{head}{r['tokens_per_s']:>12,.0f}{r['ms']:>10.1f}{r['peak_gib']:>10.2f}  {r['served']:<20}"
-        if "forward_tokens_per_s" in r:
-            line += f"{r['forward_tokens_per_s']:>12,.0f}  {r['forward_served']}"
-        else:
-            line += f"  forward ERROR {r['error']}"
-        print(line)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as fh:
