@@ -278,24 +278,27 @@ def versions() -> dict:
     return found
 
 
-def print_table(rows: list[dict]) -> None:
-    head = f"{'op':26} {'backend':10} {'served':10} {'dtype':5} {'y':>9} {'state':>9} {'grad(worst)':>24} {'fwd ms':>8} {'f+b ms':>8}  status"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        if "rel_err" not in r:
-            print(f"{r['op']:26} {r['backend']:10} {'-':10} {r['dtype']:5} {'':>9} {'':>9} {'':>24} {'':>8} {'':>8}  {r['status']}")
-            continue
-        e = r["rel_err"]
-        grads = {k: v for k, v in e.items() if k.startswith("d")}
-        worst_grad = max(grads.items(), key=lambda kv: kv[1]) if grads else None
-        state = e.get("final_state", e.get("state"))
-        print(
-            f"{r['op']:26} {r['backend']:10} {str(r['served_by']):10} {r['dtype']:5} "
-            f"{e['y']:9.2e} {'' if state is None else f'{state:9.2e}':>9} "
-            f"{'' if worst_grad is None else f'{worst_grad[0]} {worst_grad[1]:.2e}':>24} "
-            f"{r['ms_fwd']:8.3f} {r.get('ms_fwd_bwd', float('nan')):8.3f}  {r['status']}"
-        )
+HEADER = (f"{'op':26} {'backend':10} {'served':10} {'dtype':5} {'y':>9} {'state':>9} {'grad(worst)':>24} "
+          f"{'fwd ms':>8} {'f+b ms':>8}  status")
+
+
+def print_row(r: dict) -> None:
+    """One table row, printed as soon as it is measured (a timed-out GPU call keeps what it had)."""
+    if "rel_err" not in r:
+        print(f"{r['op']:26} {r['backend']:10} {'-':10} {r['dtype']:5} {'':>9} {'':>9} {'':>24} {'':>8} {'':>8}  {r['status']}",
+              flush=True)
+        return
+    e = r["rel_err"]
+    grads = {k: v for k, v in e.items() if k.startswith("d")}
+    worst_grad = max(grads.items(), key=lambda kv: kv[1]) if grads else None
+    state = e.get("final_state", e.get("state"))
+    print(
+        f"{r['op']:26} {r['backend']:10} {str(r['served_by']):10} {r['dtype']:5} "
+        f"{e['y']:9.2e} {'' if state is None else f'{state:9.2e}':>9} "
+        f"{'' if worst_grad is None else f'{worst_grad[0]} {worst_grad[1]:.2e}':>24} "
+        f"{r['ms_fwd']:8.3f} {r.get('ms_fwd_bwd', float('nan')):8.3f}  {r['status']}",
+        flush=True,
+    )
 
 
 def main(argv=None) -> int:
@@ -311,12 +314,15 @@ def main(argv=None) -> int:
 
     cases = [c for c in CASES if not args.ops or c.name in args.ops.split(",")]
     rows, failed, tested = [], False, 0
+    print(HEADER)
+    print("-" * len(HEADER), flush=True)
     for backend in ["reference"] + args.backends.split(","):
         try:
             ops.resolve_backend(backend, "cuda")
         except PipelineError as exc:
             print(f"[skip] backend {backend}: {exc}", file=sys.stderr)
             rows.append({"op": "*", "backend": backend, "dtype": "-", "status": "unavailable", "error": str(exc)})
+            print_row(rows[-1])
             continue
         tested += backend != "reference"
         for case in cases:
@@ -332,9 +338,9 @@ def main(argv=None) -> int:
                     print(f"[error] {case.name} {backend} {dtype_name}:\n{row['traceback']}", file=sys.stderr)
                     failed = True
                 rows.append(row)
+                print_row(row)
                 torch.cuda.empty_cache()
 
-    print_table(rows)
     result = {"versions": versions(), "tolerance": TOLERANCE, "rows": rows,
               "shapes": dict(batch=BATCH, length=LENGTH, heads=HEADS, head_dim=HEAD_DIM, state=STATE,
                              groups=GROUPS, width=WIDTH, channels=CHANNELS, conv_channels=CONV_CHANNELS)}
