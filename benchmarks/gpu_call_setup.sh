@@ -10,7 +10,7 @@ if ! pip_log=$(python3 -m pip install -q --no-index --no-deps --no-compile --tar
   exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRITON_CACHE_DIR=/tmp/triton-cache
-export TRITON_CACHE_AUTOTUNING=1  # autotuning results go into the cache too, so a carried cache skips them
+export TRITON_CACHE_AUTOTUNING=1  # autotuning results go into the cache too (not for configs with pre-hooks, e.g. mamba-ssm's backward)
 mkdir -p "$TRITON_CACHE_DIR"
 [ -f .gpucache/triton.tgz ] && tar xzf .gpucache/triton.tgz -C "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"

@@ -258,6 +258,7 @@ def check(case: Case, backend: str, dtype_name: str) -> dict:
     with use_backend(backend):
         with torch.no_grad():
             row["ms_fwd"] = median_ms(lambda: case.call(fast))
+        row["fwd_timed_on"] = last_backend(case.op)  # without grad another backend may serve it
         if case.grads:
             grad_leaves = [fast[k] for k in case.grads]
 
@@ -296,7 +297,8 @@ def print_row(r: dict) -> None:
         f"{r['op']:26} {r['backend']:10} {str(r['served_by']):10} {r['dtype']:5} "
         f"{e['y']:9.2e} {'' if state is None else f'{state:9.2e}':>9} "
         f"{'' if worst_grad is None else f'{worst_grad[0]} {worst_grad[1]:.2e}':>24} "
-        f"{r['ms_fwd']:8.3f} {r.get('ms_fwd_bwd', float('nan')):8.3f}  {r['status']}",
+        f"{r['ms_fwd']:8.3f} {r.get('ms_fwd_bwd', float('nan')):8.3f}  {r['status']}"
+        + (f" (fwd ms on {r['fwd_timed_on']})" if r.get("fwd_timed_on", r["served_by"]) != r["served_by"] else ""),
         flush=True,
     )
 

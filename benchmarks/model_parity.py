@@ -8,15 +8,15 @@ of attention replaced. Errors are relative L2 of the logits against the fp32 ref
 forward on the same (dtype-rounded) weights: the "reference" rows show what the dtype alone costs.
 
 - full: one forward over 2 × 300 tokens (300 is not a multiple of the 64-token chunk);
-- decode: prefill 200 tokens, then 100 one-token steps from the cache (the largest error);
+- decode: prefill 200 tokens, then 100 one-token steps from the cache (the steps' logits);
 - chunk: prefill 120 tokens, then the other 180 in one call from the cache;
 - batch: greedy ``generate`` of a left-padded batch of two prompts (37 and 11 tokens) against
   each row alone, and against a hand-written argmax loop; mismatched tokens out of 2 × 24.
 
 Tolerances (the issue's): fp32 < 1e-3 and every token equal. In bf16 the model's own rounding
-is already about 1e-2 at this depth (the reference rows), so a backend passes when its error is
-under 1e-2 or under 1.25× the bf16 reference's; bf16 token mismatches (near-ties) are reported,
-not judged. Exits 1 on a failure.
+is already about 1e-2 at this depth (the bf16 reference row, always run first and not judged), so
+a backend passes when its error is under 1e-2 or under 1.25× the bf16 reference's; bf16 token
+mismatches (near-ties) are reported, not judged. Exits 1 on a failure or a crash.
 
     python benchmarks/model_parity.py --out results/model_parity.json
 """
@@ -62,7 +62,7 @@ def logits_checks(model, x) -> dict[str, torch.Tensor]:
     """Full forward, prefill + one-token steps, prefill + one chunk: the logits of each."""
     full = model(x).logits
     out = model(x[:, :PREFILL], use_cache=True)
-    cache, steps = out.cache, [out.logits]
+    cache, steps = out.cache, []
     for t in range(PREFILL, x.shape[1]):
         out = model(x[:, t : t + 1], cache=cache, use_cache=True)
         steps.append(out.logits)
@@ -125,7 +125,8 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 truth = truth_model(x).logits
             del truth_model
-            for backend in args.backends.split(","):
+            backends = ["reference"] + [b for b in args.backends.split(",") if b != "reference"]
+            for backend in backends:
                 row = {"mixer": mixer, "dtype": dtype_name, "backend": backend}
                 reason = ops.backend.unavailable_reason(backend, device)
                 if reason is not None:
@@ -133,22 +134,29 @@ def main(argv=None) -> int:
                     print_row(rows[-1])
                     continue
                 model.config.kernel_backend = backend
-                with torch.no_grad():
-                    got = logits_checks(model, x)
-                    scan, step = ("ssd_scan", "ssd_step") if mixer == "mamba2" else ("selective_scan", "selective_step")
-                    row["served"] = f"{ops.backend.last_backend(scan)}/{ops.backend.last_backend(step)}"
-                    row.update({k: rel_err(v, truth[:, -v.shape[1] :]) for k, v in got.items()})
-                    row.update(generation_mismatches(model, device))
+                try:
+                    with torch.no_grad():
+                        got = logits_checks(model, x)
+                        scan, step = ("ssd_scan", "ssd_step") if mixer == "mamba2" else ("selective_scan", "selective_step")
+                        row["served"] = f"{ops.backend.last_backend(scan)}/{ops.backend.last_backend(step)}"
+                        row.update({k: rel_err(v, truth[:, -v.shape[1] :]) for k, v in got.items()})
+                        row.update(generation_mismatches(model, device))
+                except Exception as exc:  # report it and go on with the other backends
+                    row["status"] = f"ERROR {type(exc).__name__}: {exc}"[:300]
+                    failed = True
+                    rows.append(row)
+                    print_row(row)
+                    continue
                 worst = max(row[k] for k in ("full", "decode", "chunk"))
                 if dtype_name == "fp32":
                     ok = worst < TOLERANCE["fp32"] and row["batch_vs_rows"] == 0 and row["generate_vs_loop"] == 0
-                else:
-                    rounding = reference_error.get((mixer, dtype_name), 0.0)
-                    ok = worst < max(TOLERANCE[dtype_name], 1.25 * rounding)
-                if backend == "reference":
+                elif backend == "reference":
                     reference_error[(mixer, dtype_name)] = worst
-                row["status"] = "ok" if ok else "FAIL"
-                failed |= not ok
+                    ok = None  # what the dtype alone costs: the allowance, not judged
+                else:
+                    ok = worst < max(TOLERANCE[dtype_name], 1.25 * reference_error.get((mixer, dtype_name), 0.0))
+                row["status"] = "rounding" if ok is None else "ok" if ok else "FAIL"
+                failed |= ok is False
                 rows.append(row)
                 print_row(row)
             del model

@@ -5,7 +5,8 @@ bf16: forward+backward tokens/s and peak memory of the teacher and of hybrids wi
 87.5% of attention replaced, for each kernel backend present (and each mixer type where the
 backend has its kernels), plus forward-only (prefill) tokens/s. A backend that cannot serve an op
 falls back (fla has no SSD backward on Hopper with Triton < 3.7.1), so each row names the
-backends that actually served the scan and the conv in the forward+backward and in the forward.
+backends that actually served the scan and the conv in the forward+backward and in the forward
+(a training forward with the loss, under no_grad).
 Prints a table; writes JSON to ``--out``.
 
     python benchmarks/model_speed.py --out results/model_speed.json
@@ -61,11 +62,11 @@ def median_step(model, batch, length, steps, warmup, train: bool):
         torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16), torch.set_grad_enabled(train):
-            out = model(x, labels=x, use_cache=False)
+            loss = model(x, labels=x, use_cache=False).loss  # only the loss lives on: not the logits
         if train:
-            out.loss.backward()
+            loss.backward()
             model.zero_grad(set_to_none=True)
-        del out
+        del loss
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(time.perf_counter() - start)

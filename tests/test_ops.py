@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -316,7 +318,7 @@ def test_chosen_backend_is_logged_once(monkeypatch, caplog):
 
 def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
     """Triton would run an fp32 SSD's dot products in tf32 (1e-3 off); the wrappers ask for ieee,
-    but never over a precision the user chose."""
+    as torch's own fp32 matmuls are, but never over a precision the user chose."""
     knobs = pytest.importorskip("triton").knobs
     import pipeline.ops.backend as backend
 
@@ -325,7 +327,18 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
         del knobs.language.fp32_default  # back to the environment
         backend.use_exact_fp32_dots()
         assert knobs.language.fp32_default == "ieee"
+        assert os.environ["TRITON_F32_DEFAULT"] == "ieee"  # exported: the disk cache is keyed on it
     monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+
+    precision = torch.get_float32_matmul_precision()
+    with knobs.language.scope():
+        del knobs.language.fp32_default
+        torch.set_float32_matmul_precision("high")  # the user allowed tf32 for torch's matmuls too
+        try:
+            backend.use_exact_fp32_dots()
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        assert knobs.language.fp32_default is None
 
     with knobs.language.scope():
         del knobs.language.fp32_default
@@ -334,27 +347,27 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
         assert knobs.language.fp32_default == "tf32x3"
 
 
-def test_causal_conv1d_package_is_not_asked_for_a_final_state_gradient(monkeypatch):
-    """causal-conv1d 1.7.0 gets dx wrong when the final state carries a gradient (measured on the
-    H100): the wrapper declines such calls, and only those, before touching the kernel."""
+def test_causal_conv1d_final_state_is_sliced_from_the_inputs(monkeypatch):
+    """causal-conv1d's own final state gave a wrong dx when it carried a gradient (H100): the
+    wrapper never asks the kernel for it and returns the last w-1 inputs, which carry gradient."""
     import types
 
     import pipeline.ops.mamba_kernels as mamba_kernels
-    from pipeline.ops.backend import KernelUnsupported
 
-    calls = []
+    asked = []
+
     def conv_fn(x, *args, return_final_states=False, **kwargs):
-        calls.append(return_final_states)
-        return (x, x[..., -3:]) if return_final_states else x
+        asked.append(return_final_states)
+        return x * 2  # stands for the conv output: (b, c, l), like the input
 
-    fake = types.SimpleNamespace(causal_conv1d_fn=conv_fn)
-    monkeypatch.setattr(mamba_kernels, "_conv_package", lambda: fake)
+    monkeypatch.setattr(mamba_kernels, "_conv_package", lambda: types.SimpleNamespace(causal_conv1d_fn=conv_fn))
     x, weight, bias, state = conv_inputs(c=8, dtype=torch.float32)
     x.requires_grad_()
-    with pytest.raises(KernelUnsupported, match="final-state gradient"):
-        mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
-    assert not calls
-    mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state)  # no final state: served
-    with torch.no_grad():
-        mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
-    assert calls == [False, True]
+    y, final = mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
+    _, expected = causal_conv1d(x.detach(), weight, bias, initial_state=state, return_final_state=True)
+    assert asked == [False]
+    assert torch.equal(final, expected) and final.shape == state.shape
+    final.sum().backward()
+    w = weight.shape[1]
+    assert torch.equal(x.grad[:, -(w - 1) :], torch.ones_like(x.grad[:, -(w - 1) :]))
+    assert not x.grad[:, : -(w - 1)].any()

@@ -1,7 +1,8 @@
 """The one place that decides which kernel runs.
 
-Model code calls the public ops with ``backend=None``; this module turns that into a concrete
-backend ("mamba_ssm", "fla" or "reference") and, per operation, into a concrete function.
+Model code calls the public ops with the configured backend (``config.kernel_backend``, "auto"
+by default); this module turns that into a concrete backend ("mamba_ssm", "fla" or
+"reference") and, per operation, into a concrete function.
 Fast backends are imported lazily, only when a CUDA tensor asks for them, so CPU machines
 without Triton or mamba-ssm import :mod:`pipeline.ops` without cost. Every choice and every
 fallback is logged once on the ``pipeline.ops`` logger, so a slow run is never a mystery.
@@ -63,16 +64,20 @@ _PROBE_MODULES = {
 
 
 def use_exact_fp32_dots() -> None:
-    """Make Triton's fp32 dot products full precision for the rest of the process.
+    """Give Triton's fp32 dot products the precision torch's fp32 matmuls have, for the process.
 
-    Triton lowers an fp32 ``tl.dot`` that names no precision to tf32, which is what both
-    mamba-ssm's and fla's SSD kernels do; torch's own fp32 matmuls are full precision by default.
-    Left alone, an fp32 model's chunked scan on GPU is off by ~1e-3 (measured: dA 1.9e-3 through
-    mamba-ssm), so the fast SSD wrappers call this on their first fp32 call. Process-wide because
-    backward kernels compile outside any forward-time context; bf16 kernels are compiled per input
-    dtype, so a bf16-only process never sees it. A ``TRITON_F32_DEFAULT`` the user set is kept.
+    Triton lowers an fp32 ``tl.dot`` that names no precision to tf32, and mamba-ssm's and fla's
+    SSD kernels name none; torch's fp32 matmuls are full precision unless the user allowed tf32
+    (``torch.set_float32_matmul_precision``). Left alone, an fp32 model's chunked scan on the GPU
+    is ~1e-3 off (measured on an H100: dA 1.9e-3 through mamba-ssm, 5.5e-7 with this), so the
+    fast SSD wrappers call this on every fp32 call; it acts once, and only while torch's
+    precision is "highest". Process-wide because backward kernels compile outside any
+    forward-time context, and Triton caches compiled kernels in memory without the setting in
+    their key: kernels compiled before the first fp32 call keep the precision they had. bf16
+    kernels are compiled per input dtype, so a bf16-only process never sees it. A
+    ``TRITON_F32_DEFAULT`` the user set is kept.
     """
-    if os.environ.get(_TRITON_FP32_VAR):
+    if os.environ.get(_TRITON_FP32_VAR) or torch.get_float32_matmul_precision() != "highest":
         return
     try:
         from triton import knobs
