@@ -325,7 +325,10 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
     with knobs.language.scope():
         monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
         del knobs.language.fp32_default  # back to the environment
-        backend.use_exact_fp32_dots()
+        assert knobs.language.fp32_default is None
+        backend.use_exact_fp32_dots(torch.bfloat16)
+        assert knobs.language.fp32_default is None  # bf16 inputs leave it alone
+        backend.use_exact_fp32_dots(torch.float32)
         assert knobs.language.fp32_default == "ieee"
         assert os.environ["TRITON_F32_DEFAULT"] == "ieee"  # exported: the disk cache is keyed on it
     monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
@@ -335,7 +338,7 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
         del knobs.language.fp32_default
         torch.set_float32_matmul_precision("high")  # the user allowed tf32 for torch's matmuls too
         try:
-            backend.use_exact_fp32_dots()
+            backend.use_exact_fp32_dots(torch.float32)
         finally:
             torch.set_float32_matmul_precision(precision)
         assert knobs.language.fp32_default is None
@@ -343,7 +346,7 @@ def test_fp32_fast_kernels_get_full_precision_dots(monkeypatch):
     with knobs.language.scope():
         del knobs.language.fp32_default
         monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32x3")
-        backend.use_exact_fp32_dots()
+        backend.use_exact_fp32_dots(torch.float32)
         assert knobs.language.fp32_default == "tf32x3"
 
 
@@ -363,7 +366,7 @@ def test_causal_conv1d_final_state_is_sliced_from_the_inputs(monkeypatch):
     monkeypatch.setattr(mamba_kernels, "_conv_package", lambda: types.SimpleNamespace(causal_conv1d_fn=conv_fn))
     x, weight, bias, state = conv_inputs(c=8, dtype=torch.float32)
     x.requires_grad_()
-    y, final = mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
+    _, final = mamba_kernels.causal_conv1d(x, weight, bias, initial_state=state, return_final_state=True)
     _, expected = causal_conv1d(x.detach(), weight, bias, initial_state=state, return_final_state=True)
     assert asked == [False]
     assert torch.equal(final, expected) and final.shape == state.shape

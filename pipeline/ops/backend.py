@@ -63,21 +63,23 @@ _PROBE_MODULES = {
 }
 
 
-def use_exact_fp32_dots() -> None:
-    """Give Triton's fp32 dot products the precision torch's fp32 matmuls have, for the process.
+def use_exact_fp32_dots(dtype: torch.dtype) -> None:
+    """On fp32 inputs, give Triton's fp32 dots the precision torch's fp32 matmuls have, for the process.
 
     Triton lowers an fp32 ``tl.dot`` that names no precision to tf32, and mamba-ssm's and fla's
     SSD kernels name none; torch's fp32 matmuls are full precision unless the user allowed tf32
     (``torch.set_float32_matmul_precision``). Left alone, an fp32 model's chunked scan on the GPU
     is ~1e-3 off (measured on an H100: dA 1.9e-3 through mamba-ssm, 5.5e-7 with this), so the
-    fast SSD wrappers call this on every fp32 call; it acts once, and only while torch's
+    fast SSD wrappers call this on every call; it acts once, on an fp32 one, and only while torch's
     precision is "highest". Process-wide because backward kernels compile outside any
     forward-time context, and Triton caches compiled kernels in memory without the setting in
     their key: kernels compiled before the first fp32 call keep the precision they had. bf16
     kernels are compiled per input dtype, so a bf16-only process never sees it. A
     ``TRITON_F32_DEFAULT`` the user set is kept.
     """
-    if os.environ.get(_TRITON_FP32_VAR) or torch.get_float32_matmul_precision() != "highest":
+    if dtype != torch.float32 or os.environ.get(_TRITON_FP32_VAR):
+        return
+    if torch.get_float32_matmul_precision() != "highest":
         return
     try:
         from triton import knobs

@@ -42,8 +42,7 @@ def ssd_scan(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, retur
     )
     if needs_grad and _hopper_backward_is_broken(x.device):
         raise KernelUnsupported("fla's SSD backward is disabled on Hopper with this Triton (needs >= 3.7.1)")
-    if x.dtype == torch.float32:
-        use_exact_fp32_dots()
+    use_exact_fp32_dots(x.dtype)
     h = x.shape[2]
     v = (x.float() * dt.float().unsqueeze(-1)).to(x.dtype)
     log_decay = dt.float() * A.float()

@@ -34,8 +34,7 @@ def ssd_scan(x, dt, A, B, C, D=None, *, chunk_size=64, initial_state=None, retur
 
     _require(x.dtype in _KERNEL_DTYPES, f"mamba_ssm kernels take fp32/fp16/bf16, got {x.dtype}")
     power_of_two = chunk_size >= 16 and chunk_size & (chunk_size - 1) == 0
-    if x.dtype == torch.float32:
-        use_exact_fp32_dots()
+    use_exact_fp32_dots(x.dtype)
     result = mamba_chunk_scan_combined(
         x, dt, A.float(), B.to(x.dtype), C.to(x.dtype),
         chunk_size if power_of_two else 64,
