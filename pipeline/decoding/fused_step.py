@@ -92,22 +92,17 @@ class FusedStep:
         # of earlier forwards has finished by the time this one starts.
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
         window = self.model.config.sliding_window
-        layers = base.layers
-        for layer in layers:
+        for layer in base.layers:
             i, norm = layer.layer_idx, layer.input_layernorm
-            # the next layer's KV cache, if it is attention: this layer's first GEMV asks L2 for it
-            following = i + 1 < len(layers) and layers[i + 1].is_attention
-            prefetch = (cache.keys[i + 1], cache.values[i + 1]) if following else None
             if layer.is_attention:
                 attn, (weight, bias) = layer.self_attn, self.qkv[i]
-                qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias, prefetch=prefetch)
+                qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
                                     attn.scaling, attn.num_heads, b, t, window, self.splits)
                 out_proj = attn.o_proj
             else:
                 mixer = layer.mamba
-                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias,
-                                       prefetch=prefetch)
+                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
                 out = ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
                                        cache.ssm_states[i], cache.history[i], b, t)
                 out_proj = mixer.out_proj

@@ -56,28 +56,6 @@ def _pdl() -> bool:
             and gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
-# L2 prefetch of the next attention layer's KV cache (Hopper+). At long prompts an attention layer's
-# step is bound by reading its keys and values from HBM (16k keys: 12.6 MB per SmolLM2 layer, about
-# 4.7 us each on an H100), while the launch-bound kernels before it leave the memory bus mostly idle.
-# With KV_PREFETCH the first kernel of the layer before an attention layer asks L2 for that layer's
-# cache (bulk prefetches of PREFETCH_CHUNK elements, PREFETCH_LANES per program), so the attention
-# reads it from L2. A hint only: it changes no result.
-KV_PREFETCH = False
-PREFETCH_CHUNK = 2048
-PREFETCH_LANES = 32
-
-
-def kv_prefetch() -> bool:
-    """Whether the GEMVs issue the KV prefetches: KV_PREFETCH on a CUDA device of compute capability 9+."""
-    return KV_PREFETCH and _bulk_prefetch_supported()
-
-
-@functools.cache
-def _bulk_prefetch_supported() -> bool:
-    return (os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9)
-
-
 BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
 BLOCK_K = 64
 
@@ -235,33 +213,15 @@ def _dot_pieces(w, w2, x, x2, BLOCK_K2: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(ptr, total, CHUNK: tl.constexpr, LANES: tl.constexpr):
-    """Ask L2 for this program's share of ``ptr[0:total]``: LANES bulk prefetches of CHUNK elements
-    (Hopper's ``cp.async.bulk.prefetch.L2``). Nothing comes back and nothing waits for it."""
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    start = (pid * LANES + tl.arange(0, LANES)).to(tl.int64) * CHUNK
-    count = tl.maximum(tl.minimum(total - start, CHUNK), 0)
-    nbytes = (count * (ptr.dtype.element_ty.primitive_bitwidth // 8)).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [ptr + start, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _norm_gemv_kernel(
-    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, pf_a_ptr, pf_b_ptr, pf_total,
+    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
     N, K, eps, s_xm, s_wn, s_om,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr, PREFETCH: tl.constexpr, PF_CHUNK: tl.constexpr,
-    PF_LANES: tl.constexpr,
+    BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """K in one power-of-two piece, or two (BLOCK_K + BLOCK_K2 >= K: 576 = 512 + 64) so that few lanes idle.
-    With PREFETCH the programs first ask L2 for two more tensors (the next attention layer's KV cache)."""
+    """K in one power-of-two piece, or two (BLOCK_K + BLOCK_K2 >= K: 576 = 512 + 64) so that few lanes idle."""
     if USE_PDL:
         gdc_launch_dependents()
-    if PREFETCH:
-        _prefetch_l2(pf_a_ptr, pf_total, PF_CHUNK, PF_LANES)
-        _prefetch_l2(pf_b_ptr, pf_total, PF_CHUNK, PF_LANES)
     pid = tl.program_id(0)
     x_ptr += tl.program_id(1) * M * s_xm  # this program's rows
     out_ptr += tl.program_id(1) * M * s_om
@@ -366,29 +326,19 @@ def _block_n(n: int) -> int:
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-                prefetch: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``RMSNorm(x) @ weight.T (+ bias)`` for x (M, K); with ``up_weight`` the SwiGLU ``silu(g) * u``.
-
-    ``prefetch``: two contiguous tensors of one size (a KV cache's keys and values) that the GEMV's
-    programs ask L2 to fetch on the side, where :func:`kv_prefetch` allows it.
-    """
+                bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``RMSNorm(x) @ weight.T (+ bias)`` for x (M, K); with ``up_weight`` the SwiGLU ``silu(g) * u``."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, block_k2, warps = _gemv_config(n, k, weight)
         grid, rows = _gemv_grid(m, n, weight, block_n)
-        pf = prefetch if prefetch is not None and kv_prefetch() else None
-        if pf is not None and not (pf[0].is_contiguous() and pf[1].is_contiguous() and pf[0].numel() == pf[1].numel()):
-            raise ValueError("prefetch needs two contiguous tensors of one size")
         _norm_gemv_kernel[grid](
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
-            out, *(pf if pf is not None else (weight, weight)), pf[0].numel() if pf is not None else 0,
-            n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
+            out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
             M=rows, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-            BLOCK_K2=block_k2, USE_PDL=_pdl(), PREFETCH=pf is not None, PF_CHUNK=PREFETCH_CHUNK, PF_LANES=PREFETCH_LANES,
-            launch_pdl=_pdl(), num_warps=warps,
+            BLOCK_K2=block_k2, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
         )
         return out
     block_n = _block_n(n)
