@@ -245,11 +245,12 @@ class PlainDecoder:
         state["tokens"].fill_(pad_token_id)
         for name in ("counts", "finished", "column"):
             state[name].zero_()
-        sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
         record()  # the prefill's token; each replay records the token it chooses
+        done = _LaggedCheck(state["finished"], self.session.use_graphs)
+        sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
         for step in range(max_new_tokens - 1):
             graph.replay()
-            if (step + 1) % sync_every == 0 and bool(state["finished"].all()):
+            if (step + 1) % sync_every == 0 and done():
                 break
         return GenerationResult(state["tokens"][:, :max_new_tokens].clone(), state["counts"].clone())
 
@@ -291,6 +292,37 @@ class PlainDecoder:
             advance(session.step(token[:, None])[:, -1])
 
         return session.capture(body, list(state.values())), state, record
+
+
+class _LaggedCheck:
+    """``finished.all()`` for a loop of graph replays, read one check late on a GPU.
+
+    Reading the flag at once would drain the GPU's queue at every check: the host waits for the
+    last step, and the GPU then idles until the next replay is launched. Instead each call queues a
+    copy of the flag into pinned memory and answers with the copy queued at the call before, by
+    which time the GPU has run the steps between the two and still has the latest ones queued. A
+    loop therefore stops up to one check interval later than it could; the extra steps run on
+    finished rows only, which commit nothing and record the pad, so the result is the same.
+    Eagerly (no graphs) the flag is read at once.
+    """
+
+    def __init__(self, finished: torch.Tensor, lagged: bool):
+        self.finished, self.lagged = finished, lagged
+        if lagged:  # two slots: one being written by the GPU, one the host has read (its event waited on)
+            self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
+            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        self.calls = 0
+
+    def __call__(self) -> bool:
+        if not self.lagged:
+            return bool(self.finished.all())
+        slot, self.calls = self.calls % 2, self.calls + 1
+        self.flags[slot].copy_(self.finished.all(), non_blocking=True)
+        self.events[slot].record()
+        if self.calls == 1:
+            return False
+        self.events[1 - slot].synchronize()
+        return bool(self.flags[1 - slot])
 
 
 # --- speculative decoding -------------------------------------------------------------------------

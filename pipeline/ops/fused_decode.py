@@ -775,7 +775,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
 @triton.jit
 def _greedy_advance_kernel(
     logits_ptr, s_lm, V, lengths_ptr, replay_ptr, token_ptr, column_ptr, tokens_ptr, s_tm, counts_ptr, finished_ptr,
-    eos_ptr, N_EOS, pad, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr,
+    eos_ptr, N_EOS, pad, V_CHUNKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -785,11 +785,13 @@ def _greedy_advance_kernel(
     keep = 1 - done.to(tl.int64)  # the step just run counts for live rows only
     tl.store(lengths_ptr + r, tl.load(lengths_ptr + r) + keep)
     tl.store(replay_ptr + r, keep)
-    # argmax, the first index among equal maxima (as torch.argmax): a running max per lane, one reduction
+    # argmax, the first index among equal maxima (as torch.argmax): a running max per lane, one reduction;
+    # the chunks are unrolled so that all their loads are in flight at once
     offs = tl.arange(0, BLOCK_V)
     best = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
     best_at = tl.zeros([BLOCK_V], dtype=tl.int32)
-    for v0 in range(0, V, BLOCK_V):
+    for c in tl.static_range(V_CHUNKS):
+        v0 = c * BLOCK_V
         x = tl.load(logits_ptr + r * s_lm + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
         better = x > best
         best = tl.where(better, x, best)
@@ -808,6 +810,10 @@ def _greedy_advance_kernel(
     tl.store(finished_ptr + r, (done | hit).to(tl.uint8))
 
 
+ARGMAX_BLOCK = 8192  # logits per chunk of greedy_advance's argmax (one program per row)
+ARGMAX_WARPS = 8
+
+
 def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor, token: torch.Tensor,
                    column: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, finished: torch.Tensor,
                    eos: torch.Tensor, pad: int) -> None:
@@ -818,9 +824,10 @@ def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, replay: torch.Te
     EOS id. NaN logits are never chosen (torch.argmax would choose them).
     """
     b, v = logits.shape
+    block_v = min(ARGMAX_BLOCK, triton.next_power_of_2(v))
     _greedy_advance_kernel[(b,)](
         logits, logits.stride(0), v, lengths, replay, token, column, tokens, tokens.stride(0), counts,
         finished.view(torch.uint8), eos, eos.numel(), pad,
-        BLOCK_V=min(8192, triton.next_power_of_2(v)), BLOCK_E=triton.next_power_of_2(eos.numel()),
-        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=8,
+        V_CHUNKS=triton.cdiv(v, block_v), BLOCK_V=block_v, BLOCK_E=triton.next_power_of_2(eos.numel()),
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ARGMAX_WARPS,
     )
