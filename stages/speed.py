@@ -73,7 +73,7 @@ def settings_for(cfg: dict, on_gpu: bool, where: str) -> tuple[SpeedSettings, st
         raise PipelineError(f"prompt_lengths = {settings.prompt_lengths} must list lengths >= 1", where=f"{where}.prompt_lengths",
                             fix="use e.g. [128, 2048, 8192]")
     if settings.new_tokens < 2:
-        raise PipelineError("new_tokens must be >= 2 (decode speed is (N-1) tokens over t_N - t_1)", where=f"{where}.new_tokens")
+        raise PipelineError("new_tokens must be >= 2 (decode speed is the N-1 tokens after the first, over their time)", where=f"{where}.new_tokens")
     return settings, dtype
 
 

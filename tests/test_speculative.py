@@ -285,3 +285,28 @@ def test_sampling_is_reproducible_and_respects_top_k():
     ]
     assert torch.equal(runs[0], runs[1])
     assert torch.equal(runs[0], hf_greedy(target, ids, None, 10))  # top-k = 1 is greedy
+
+
+def test_decoders_time_their_decoding_and_the_rate_uses_it(monkeypatch):
+    """Both decoders report the decode loop's seconds (prefill excluded); decode_rate divides by the best."""
+    from types import SimpleNamespace
+
+    from pipeline.decoding import speed
+
+    model, draft = hybrid(0.5), teacher(2, num_hidden_layers=2)
+    ids = prompts(batch=1, length=6)
+    for out in (PlainDecoder(model, batch_size=1, max_length=32).generate(ids, max_new_tokens=5),
+                SpeculativeDecoder(model, draft, 2, batch_size=1, max_length=40).generate(ids, max_new_tokens=5),
+                PlainDecoder(model, batch_size=1, max_length=32).generate(
+                    ids, max_new_tokens=5, sampling=Sampling(do_sample=True), generator=torch.Generator().manual_seed(0))):
+        assert out.decode_s is not None and out.decode_s > 0
+
+    times = iter([0.9, 0.5, 0.7, 0.6])  # warm-up, then three repeats: the best is 0.5
+    rate, result = speed.decode_rate(lambda n: SimpleNamespace(decode_s=next(times)), 11, torch.device("cpu"), 3)
+    assert rate == pytest.approx(10 / 0.5) and result.decode_s == 0.6
+
+    # a generator that does not time itself is timed whole: (start, end) of t_1, t_N, t_1, t_N
+    clock = iter([0.0, 2.0, 0.0, 4.0, 0.0, 1.0, 0.0, 4.5])
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
+    rate, _ = speed.decode_rate(lambda n: SimpleNamespace(), 11, torch.device("cpu"), 2)
+    assert rate == pytest.approx(10 / (4.0 - 1.0))  # best t_N minus best t_1

@@ -21,6 +21,7 @@ and it leaves the draft with exactly the target's context).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -109,9 +110,33 @@ class GenerationResult:
     tokens: torch.Tensor
     num_tokens: torch.Tensor
     stats: SpeculativeStats | None = None
+    decode_s: float | None = None  # wall seconds from the end of the prefill to the last token
+
 
     def rows(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.num_tokens.tolist())]
+
+
+class _DecodeClock:
+    """Times the decoding after the prefill, the device synchronised at both ends.
+
+    Decode speed is the time per new token, prefill excluded. Subtracting a prefill-only run's
+    time from a full run's instead left the prefill's jitter in a difference of ~50 ms, and
+    rates moved by several percent from one run to the next (reports/gpu/eleventh-2026-11-26).
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.start = self._now()
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def stamp(self, result: GenerationResult) -> GenerationResult:
+        result.decode_s = self._now() - self.start
+        return result
 
 
 # --- checks -----------------------------------------------------------------------------------------
@@ -210,8 +235,9 @@ class PlainDecoder:
         device = session.device
         eos = torch.tensor(sorted(_id_set(eos_token_id)) or [-1], device=device)
         token = sampling.choose(session.prefill(rows), generator)
+        clock = _DecodeClock(device)
         if not sampling.do_sample:
-            return self._greedy_graphed(token, eos, max_new_tokens, pad_token_id, sync_every)
+            return clock.stamp(self._greedy_graphed(token, eos, max_new_tokens, pad_token_id, sync_every))
         tokens = torch.full((len(rows), max_new_tokens), pad_token_id, dtype=torch.long, device=device)
         counts = torch.zeros(len(rows), dtype=torch.long, device=device)
         finished = torch.zeros(len(rows), dtype=torch.bool, device=device)
@@ -225,7 +251,7 @@ class PlainDecoder:
             logits = session.extend(token[:, None])[:, -1]
             session.commit((~finished).long())
             token = sampling.choose(logits, generator)
-        return GenerationResult(tokens, counts)
+        return clock.stamp(GenerationResult(tokens, counts))
 
     def _greedy_graphed(self, token, eos, max_new_tokens, pad_token_id, sync_every):
         """Greedy decoding with the per-token bookkeeping inside the graph: the host only replays.
@@ -390,8 +416,9 @@ class SpeculativeDecoder:
 
         last = sampling.choose(target.prefill(rows), generator)  # the target's first token
         draft.prefill(rows)
+        clock = _DecodeClock(device)
         if not sampling.do_sample and self.device_rounds:
-            return self._greedy_rounds(last, max_new_tokens, eos_token_id, pad_token_id)
+            return clock.stamp(self._greedy_rounds(last, max_new_tokens, eos_token_id, pad_token_id))
         for r, tok in enumerate(last.tolist()):
             book.emit(r, [tok])
         pending, pending_len = last[:, None], torch.ones(b, dtype=torch.long, device=device)
@@ -420,7 +447,7 @@ class SpeculativeDecoder:
         for r, out in enumerate(book.out):
             tokens[r, : len(out)] = torch.tensor(out, dtype=torch.long)
         counts = torch.tensor([len(out) for out in book.out])
-        return GenerationResult(tokens.to(device), counts.to(device), stats)
+        return clock.stamp(GenerationResult(tokens.to(device), counts.to(device), stats))
 
     # --- greedy: whole rounds on the device ----------------------------------------------------------
     def _greedy_rounds(self, last, max_new_tokens, eos_token_id, pad_token_id, sync_every: int = 4) -> GenerationResult:
