@@ -310,3 +310,17 @@ def test_decoders_time_their_decoding_and_the_rate_uses_it(monkeypatch):
     monkeypatch.setattr(speed.time, "perf_counter", lambda: next(clock))
     rate, _ = speed.decode_rate(lambda n: SimpleNamespace(), 11, torch.device("cpu"), 2)
     assert rate == pytest.approx(10 / (4.0 - 1.0))  # best t_N minus best t_1
+
+
+def test_lagged_all_finished_check_answers_one_call_late():
+    """The graphed greedy loop's EOS check reads the flag queued at the call before (the GPU never drains)."""
+    from pipeline.decoding.speculative import _LaggedCheck
+
+    finished = torch.tensor([False, False])
+    check = _LaggedCheck(finished, lagged=True)
+    answers = []
+    for state in ([False, False], [True, False], [True, True], [True, True], [True, True]):
+        finished.copy_(torch.tensor(state))
+        answers.append(check())
+    assert answers == [False, False, False, True, True]
+    assert _LaggedCheck(finished, lagged=False)() is True  # eager: read at once

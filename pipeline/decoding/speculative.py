@@ -334,9 +334,10 @@ class _LaggedCheck:
 
     def __init__(self, finished: torch.Tensor, lagged: bool):
         self.finished, self.lagged = finished, lagged
-        if lagged:  # two slots: one being written by the GPU, one the host has read (its event waited on)
-            self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=True) for _ in range(2)]
-            self.events = [torch.cuda.Event(), torch.cuda.Event()]
+        # two slots: one being written by the device, one the host has read (its event waited on)
+        cuda = finished.device.type == "cuda"
+        self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.calls = 0
 
     def __call__(self) -> bool:
@@ -344,10 +345,12 @@ class _LaggedCheck:
             return bool(self.finished.all())
         slot, self.calls = self.calls % 2, self.calls + 1
         self.flags[slot].copy_(self.finished.all(), non_blocking=True)
-        self.events[slot].record()
+        if self.events[slot] is not None:
+            self.events[slot].record()
         if self.calls == 1:
             return False
-        self.events[1 - slot].synchronize()
+        if self.events[1 - slot] is not None:
+            self.events[1 - slot].synchronize()
         return bool(self.flags[1 - slot])
 
 
