@@ -157,9 +157,15 @@ def test_fused_greedy_generation_equals_reference():
     assert spec.stats.acceptance_rate == 1.0
 
 
-def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop():
+@pytest.mark.parametrize("argmax_block", [None, 32], ids=["one-chunk", "chunks-with-a-partial-last"])
+def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, monkeypatch):
     """The plain greedy loop's one-kernel bookkeeping (commit, argmax, record, EOS): with an EOS that
-    stops one row mid-way, tokens, counts and the cache lengths equal the reference loop's."""
+    stops one row mid-way, tokens, counts and the cache lengths equal the reference loop's. With
+    32-logit chunks the vocabulary of 97 takes three full chunks and a partial one."""
+    from pipeline.ops import fused_decode
+
+    if argmax_block is not None:
+        monkeypatch.setattr(fused_decode, "ARGMAX_BLOCK", argmax_block)
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
     ids = prompts(batch=3, length=5, seed=4)
     free = generate(model, ids, max_new_tokens=9, kernels="reference").tokens

@@ -324,3 +324,26 @@ def test_lagged_all_finished_check_answers_one_call_late():
         answers.append(check())
     assert answers == [False, False, False, True, True]
     assert _LaggedCheck(finished, lagged=False)() is True  # eager: read at once
+
+
+def test_greedy_loop_with_the_lagged_check_returns_what_the_prompt_check_returns(monkeypatch):
+    """On a GPU the loop learns that every row finished one check late; the extra steps run on
+    finished rows only, so tokens, counts and cache lengths are those of the loop that stops at once."""
+    from pipeline.decoding import speculative
+
+    model = hybrid(0.5)
+    ids = prompts(batch=2, length=6)
+    free = generate(model, ids, max_new_tokens=12).tokens
+    eos = [int(free[0, 2]), int(free[1, 4])]  # both rows stop early
+    runs = {}
+    for lagged in (False, True):
+        original = speculative._LaggedCheck
+        if lagged:
+            monkeypatch.setattr(speculative, "_LaggedCheck", lambda finished, _: original(finished, True))
+        decoder = PlainDecoder(model, batch_size=2, max_length=32)
+        runs[lagged] = (decoder.generate(ids, max_new_tokens=12, eos_token_id=eos, pad_token_id=5), decoder)
+        monkeypatch.setattr(speculative, "_LaggedCheck", original)
+    (prompt, prompt_decoder), (late, late_decoder) = runs[False], runs[True]
+    assert int(prompt.num_tokens.max()) < 12  # the loop did stop early
+    assert torch.equal(late.tokens, prompt.tokens) and torch.equal(late.num_tokens, prompt.num_tokens)
+    assert torch.equal(late_decoder.session.lengths, prompt_decoder.session.lengths)

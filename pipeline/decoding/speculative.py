@@ -112,7 +112,6 @@ class GenerationResult:
     stats: SpeculativeStats | None = None
     decode_s: float | None = None  # wall seconds from the end of the prefill to the last token
 
-
     def rows(self) -> list[list[int]]:
         return [row[:n].tolist() for row, n in zip(self.tokens.cpu(), self.num_tokens.tolist())]
 
