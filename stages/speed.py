@@ -16,7 +16,7 @@ params.yaml::
       dtype: bfloat16
       cuda_graphs: true
       compile_mode: null           # or max-autotune-no-cudagraphs
-      kernels: fused               # decoding step on GPU: fused (whole step; Mamba2 hybrids and teachers, else triton), triton or reference
+      kernels: fused               # decoding step on GPU: fused (whole step; hybrids and teachers, else triton), triton or reference
       cpu:                         # overrides when no GPU: tiny settings so the pipeline still runs
         k: [1, 2]
         prompt_lengths: [48]       # chat: longer than the template (SmolLM2's takes 30 tokens)

@@ -67,10 +67,11 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-@pytest.mark.parametrize("ratio", [0.0, 0.5])
-def test_fused_step_equals_reference_logits_and_caches(ratio):
+@pytest.mark.parametrize("ratio,mixer", [(0.0, "mamba2"), (0.5, "mamba2"), (0.5, "mamba1")],
+                         ids=["teacher", "mamba2-hybrid", "mamba1-hybrid"])
+def test_fused_step_equals_reference_logits_and_caches(ratio, mixer):
     """Ragged commits (keeps 0 … T): same logits at every step, same KV, SSM and conv states after."""
-    model = hybrid(teacher(0, num_hidden_layers=4), ratio)
+    model = hybrid(teacher(0, num_hidden_layers=4), ratio, mixer)
     ref, fused = sessions(model, 3, 32, max_block=5)
     plan = block_plan(3, [(5, [0, 2, 5]), (2, [1, 2, 1]), (1, [1, 1, 1])])
     with torch.no_grad():
@@ -115,6 +116,22 @@ def test_fused_step_on_other_teacher_families(family, overrides):
     ref, fused = sessions(model, 2, 32, max_block=3)
     with torch.no_grad():
         diffs = run_blocks(ref, fused, ragged_rows([9, 7]), block_plan(2, [(3, [2, 3]), (3, [3, 1])]))
+    assert max(diffs) < 1e-4, diffs
+
+
+def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
+    """Mamba1's joint input projection with biases on x/B/C only (zeros stand in for z and the
+    low-rank dt), a conv bias, head_dim 16 and a dt rank of 3 (padded to 4 lanes): logits = reference."""
+    source = tiny_teacher("llama", num_hidden_layers=2, attention_bias=True, **ODD_WIDTHS)
+    model = hybrid(source, 0.5, "mamba1")
+    mixer = model.model.layers[model.config.mamba_layers[0]].mamba
+    assert mixer.dt_proj.in_features == 3 and mixer.in_proj_z.bias is None and mixer.conv1d.bias is not None
+    with torch.no_grad():  # visible biases (the tiny teacher initialises them to zero)
+        for proj in (mixer.in_proj_x, mixer.B_proj, mixer.C_proj, mixer.out_proj):
+            proj.bias.normal_(0, 0.5)
+    ref, fused = sessions(model, 2, 32, max_block=3)
+    with torch.no_grad():
+        diffs = run_blocks(ref, fused, ragged_rows([9, 7]), block_plan(2, [(3, [2, 3]), (3, [3, 1]), (1, [1, 1])]))
     assert max(diffs) < 1e-4, diffs
 
 
@@ -232,10 +249,10 @@ def test_gemv_settings_split_k_and_scale_warps_with_row_width():
 
 
 def test_fused_bad_input(monkeypatch):
-    """Mamba1 mixers, CPU without the interpreter and torch.compile are refused at session creation."""
+    """A non-SwiGLU MLP, CPU without the interpreter and torch.compile are refused at session creation."""
+    with pytest.raises(PipelineError, match="gelu"):
+        DecodeSession(hybrid(teacher(0, num_hidden_layers=2, hidden_act="gelu"), 0.5), 1, 16, kernels="fused")
     source = teacher(0, num_hidden_layers=2)
-    with pytest.raises(PipelineError, match="mamba1"):
-        DecodeSession(hybrid(source, 0.5, mixer="mamba1"), 1, 16, kernels="fused")
     model = hybrid(source, 0.5)
     with pytest.raises(PipelineError, match="compile"):
         DecodeSession(model, 1, 16, kernels="fused", compile_mode="default")

@@ -10,8 +10,9 @@ made of: the step is bound by launches, not by reading the weights.
 Two layout choices come with it, made once per session: the cache keeps each Mamba layer's conv
 inputs in a ring (slot = position mod window, :class:`StaticHybridCache` with ``conv_ring``), so a
 block reads and writes different slots and the heads sharing a KV group need no ordering; and the
-attention's q/k/v weights are concatenated so they take one matmul (a copy: q/k/v weights are held
-twice while a fused session lives, and later changes to the model's weights are not seen by it).
+attention's q/k/v weights (and a Mamba1 mixer's five input projections) are concatenated so they
+take one matmul (a copy: those weights are held twice while a fused session lives, and later
+changes to the model's weights are not seen by it).
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def unsupported_reason(model) -> str | None:
     """Why the fused step cannot run ``model`` (a hybrid, or a Llama-family teacher decoded as one), or None."""
     config = model.config
     mamba_layers = getattr(config, "mamba_layers", [])  # a teacher has none
-    if mamba_layers and config.mixer_type != "mamba2":
-        return f"mixer type {config.mixer_type!r} (the fused step has Mamba2's mixer only)"
+    if mamba_layers and config.mixer_type not in ("mamba2", "mamba1"):
+        return f"mixer type {config.mixer_type!r} (the fused step has Mamba2's and Mamba1's mixers)"
     if config.hidden_act != "silu":
         return f"MLP activation {config.hidden_act!r} (the fused SwiGLU is silu)"
     rope_type = getattr(model.model.rotary_emb, "rope_type", "default")
@@ -75,14 +76,18 @@ class FusedStep:
         self.inv_freq = rotary.inv_freq.float().contiguous()
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.splits = fused_decode.attention_splits(cache.max_length)
-        self.qkv: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.mamba1 = getattr(model.config, "mixer_type", None) == "mamba1"
+        # joint input projections: q/k/v of attention layers, Mamba1's five (Mamba2 has one already)
+        self.joint: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         for layer in model.model.layers:
             if layer.is_attention:
                 attn = layer.self_attn
                 projections = (attn.q_proj, attn.k_proj, attn.v_proj)
                 weight = torch.cat([p.weight for p in projections]).contiguous()
                 bias = torch.cat([p.bias for p in projections]) if attn.q_proj.bias is not None else None
-                self.qkv[layer.layer_idx] = (weight, bias)
+                self.joint[layer.layer_idx] = (weight, bias)
+            elif self.mamba1:
+                self.joint[layer.layer_idx] = fused_decode.mamba1_in_proj(layer.mamba)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         ops, cache, base = self.ops, self.cache, self.model.model
@@ -95,16 +100,18 @@ class FusedStep:
         for layer in base.layers:
             i, norm = layer.layer_idx, layer.input_layernorm
             if layer.is_attention:
-                attn, (weight, bias) = layer.self_attn, self.qkv[i]
+                attn, (weight, bias) = layer.self_attn, self.joint[i]
                 qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
                                     attn.scaling, attn.num_heads, b, t, window, self.splits)
                 out_proj = attn.o_proj
             else:
                 mixer = layer.mamba
-                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, mixer.in_proj.weight, mixer.in_proj.bias)
-                out = ops.mamba2_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
-                                       cache.ssm_states[i], cache.history[i], b, t)
+                weight, bias = self.joint[i] if self.mamba1 else (mixer.in_proj.weight, mixer.in_proj.bias)
+                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
+                run_mixer = ops.mamba1_mixer if self.mamba1 else ops.mamba2_mixer
+                out = run_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
+                                cache.ssm_states[i], cache.history[i], b, t)
                 out_proj = mixer.out_proj
             post, mlp = layer.post_attention_layernorm, layer.mlp
             hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)

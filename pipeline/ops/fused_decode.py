@@ -14,6 +14,10 @@ beside it:
 * :func:`mamba2_mixer` — one program per (row, head): causal conv over a ring buffer, SiLU,
   ``softplus(dt)``, replay of the steps accepted in the last block, the block's scan, the D skip
   and the gated per-head RMSNorm;
+* :func:`mamba1_mixer` — the same for Mamba1 (one program per (row, head) of its channels): the
+  per-channel conv of the repeated x, the per-channel step size from the low-rank ``dt_proj``,
+  replay, the selective scan with its ``A[c, :]`` rows, the D skip and the SiLU(z) gate; its five
+  input projections are one matmul (:func:`mamba1_in_proj`);
 * :func:`attention` — one program per (row, KV head, split of the key range): rotary embedding of
   the block's queries and keys, KV-cache write, masked attention (GQA without copies, sliding
   window); above 64 keys :func:`attention` merges the key splits with a small second kernel
@@ -551,6 +555,123 @@ def mamba2_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         y.stride(0),
         T=tokens, SLOTS=hx.shape[1], P=p, N=n, WIDTH=conv_w.shape[1], TAPS=triton.next_power_of_2(conv_w.shape[1]),
         HAS_CONV_BIAS=mixer.conv1d.bias is not None,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=MIXER_WARPS,
+    )
+    return y
+
+
+# --- Mamba1 mixer -------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mamba1_mixer_kernel(
+    proj_ptr, window_ptr, conv_w_ptr, conv_b_ptr, lengths_ptr, replay_ptr,
+    state_ptr, hx_ptr, hdt_ptr, hb_ptr,
+    a_log_ptr, dt_w_ptr, dt_bias_ptr, d_ptr, y_ptr,
+    HEADS, HEADS_PER_GROUP, Z0, B0, C0, R0, RANK, W,
+    s_pm, s_wb, s_wc, s_sb, s_sc, s_hxb, s_hxt, s_hdb, s_hdt, s_hbb, s_hbt, s_hbh, s_ym, s_dtw,
+    T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr,
+    WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
+):
+    """One program per (row, head): the head's P channels of the selective scan, each with its own
+    conv, step size (``dt_proj`` of the shared low-rank ``dt``) and decay row ``A[c, :]``."""
+    if USE_PDL:
+        gdc_launch_dependents()
+    pid = tl.program_id(0)
+    b = pid // HEADS
+    h = pid % HEADS
+    g = h // HEADS_PER_GROUP
+    offs_p = tl.arange(0, P)
+    offs_n = tl.arange(0, N)
+    offs_r = tl.arange(0, BLOCK_R)
+    dtype = proj_ptr.dtype.element_ty
+    chan = h * P + offs_p  # this head's channels of d_inner (and of the conv ring)
+    col_x = g * P + offs_p  # their x: the KV group's v-shaped projection, repeated across the group
+    a = -tl.exp(tl.load(a_log_ptr + chan[:, None] * N + offs_n[None, :]).to(tl.float32))
+    dt_w = tl.load(dt_w_ptr + chan[:, None] * s_dtw + offs_r[None, :], mask=(offs_r < RANK)[None, :], other=0.0)
+    dt_w = dt_w.to(tl.float32)
+    dt_bias = tl.load(dt_bias_ptr + chan).to(tl.float32)
+    d_skip = tl.load(d_ptr + chan).to(tl.float32)
+    # Before the wait, as in the Mamba2 mixer: only this layer's own state from earlier forwards
+    # and the lengths / replay counts; the replayed state is stored here too.
+    pos0 = tl.load(lengths_ptr + b)
+    n_replay = tl.load(replay_ptr + b)
+    row0 = b * T
+    before, conv_w, conv_b = _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, chan, b, pos0, W, s_wb, s_wc,
+                                          WIDTH, TAPS, HAS_CONV_BIAS)
+    state_ptrs = state_ptr + b * s_sb + chan[:, None] * s_sc + offs_n[None, :]
+    state = tl.load(state_ptrs)
+    for k in tl.static_range(SLOTS):
+        live = k < n_replay
+        u = tl.load(hx_ptr + b * s_hxb + k * s_hxt + chan, mask=(offs_p >= 0) & live, other=0.0).to(tl.float32)
+        dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + chan, mask=(offs_p >= 0) & live, other=0.0)
+        bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n, mask=(offs_n >= 0) & live, other=0.0)
+        stepped = tl.exp(dt[:, None] * a) * state + (dt * u)[:, None] * bv.to(tl.float32)[None, :]
+        state = tl.where(live, stepped, state)
+    tl.store(state_ptrs, state)
+    tl.debug_barrier()  # the history slots just read are overwritten below
+    if USE_PDL:
+        gdc_wait()  # the in-proj output below comes from the kernel before
+
+    for t in tl.static_range(T):
+        row = row0 + t
+        u = _conv_silu(proj_ptr, col_x, row0, t, before, conv_w, conv_b, s_pm, dtype, WIDTH, TAPS, HAS_CONV_BIAS)
+        low_rank = tl.load(proj_ptr + row * s_pm + R0 + offs_r, mask=offs_r < RANK, other=0.0).to(tl.float32)
+        raw = tl.sum(dt_w * low_rank[None, :], axis=1).to(dtype).to(tl.float32)  # dt_proj's output, rounded
+        dt = _softplus(raw + dt_bias)
+        bv = tl.load(proj_ptr + row * s_pm + B0 + g * N + offs_n).to(tl.float32)
+        cv = tl.load(proj_ptr + row * s_pm + C0 + h * N + offs_n).to(tl.float32)
+        z = tl.load(proj_ptr + row * s_pm + Z0 + chan).to(tl.float32)
+        tl.store(hx_ptr + b * s_hxb + t * s_hxt + chan, u.to(hx_ptr.dtype.element_ty))
+        tl.store(hdt_ptr + b * s_hdb + t * s_hdt + chan, dt)
+        tl.store(hb_ptr + b * s_hbb + t * s_hbt + h * s_hbh + offs_n, bv.to(hb_ptr.dtype.element_ty))
+        state = tl.exp(dt[:, None] * a) * state + (dt * u)[:, None] * bv[None, :]
+        y = tl.sum(state * cv[None, :], axis=1) + d_skip * u
+        y = y * (z / (1.0 + tl.exp(-z)))  # the skip first, then the gate (Mamba1's order)
+        tl.store(y_ptr + row * s_ym + chan, y.to(y_ptr.dtype.element_ty))
+        slot = (pos0 + t) % W  # the token's raw x enters the ring at its own slot
+        tl.store(window_ptr + b * s_wb + chan * s_wc + slot,
+                 tl.load(proj_ptr + row * s_pm + col_x).to(window_ptr.dtype.element_ty))
+
+
+def mamba1_in_proj(mixer) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The Mamba1 mixer's five input projections as one weight (and bias): [x, z, B, C, low-rank dt],
+    the column layout :func:`mamba1_mixer` reads. A copy, as the fused step's q/k/v weight."""
+    projections = (mixer.in_proj_x, mixer.in_proj_z, mixer.B_proj, mixer.C_proj, mixer.dt_proj_down)
+    weight = torch.cat([p.weight for p in projections]).contiguous()
+    if all(p.bias is None for p in projections):
+        return weight, None
+    bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in projections])
+    return weight, bias
+
+
+def mamba1_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor,
+                 state: torch.Tensor, history: dict[str, torch.Tensor], batch: int, tokens: int) -> torch.Tensor:
+    """The Mamba1 mixer after the joint input projection (:func:`mamba1_in_proj`): ``proj`` (b·T, width)
+    → gated y (b·T, d_inner), before ``out_proj``. ``window`` (b, d_inner, W) is the conv ring of the
+    repeated x; ``state`` (b, d_inner, n, fp32) the verified state, advanced in place by the
+    ``replay[r]`` accepted steps of ``history`` (u, effective dt per channel, B per head).
+    """
+    h, p, n = mixer.num_heads, mixer.head_dim, mixer.d_state
+    z0 = mixer.d_xb
+    b0 = z0 + mixer.d_inner
+    c0 = b0 + mixer.d_xb
+    r0 = c0 + mixer.d_inner
+    rank = mixer.dt_proj.in_features
+    y = torch.empty(proj.shape[0], mixer.d_inner, device=proj.device, dtype=proj.dtype)
+    conv_w = mixer.conv1d.weight.squeeze(1)
+    dt_w = mixer.dt_proj.weight
+    hx, hdt, hb = history["x"], history["dt"], history["B"]
+    _mamba1_mixer_kernel[(batch * h,)](
+        proj, window, conv_w, mixer.conv1d.bias if mixer.conv1d.bias is not None else conv_w, lengths, replay,
+        state, hx, hdt, hb,
+        mixer.A_log, dt_w, mixer.dt_bias, mixer.D, y,
+        h, h // mixer.num_kv_heads, z0, b0, c0, r0, rank, window.shape[-1],
+        proj.stride(0), window.stride(0), window.stride(1), state.stride(0), state.stride(1),
+        hx.stride(0), hx.stride(1), hdt.stride(0), hdt.stride(1), hb.stride(0), hb.stride(1), hb.stride(2),
+        y.stride(0), dt_w.stride(0),
+        T=tokens, SLOTS=hx.shape[1], P=p, N=n, BLOCK_R=triton.next_power_of_2(rank), WIDTH=conv_w.shape[1],
+        TAPS=triton.next_power_of_2(conv_w.shape[1]), HAS_CONV_BIAS=mixer.conv1d.bias is not None,
         USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=MIXER_WARPS,
     )
     return y
