@@ -94,8 +94,10 @@ def main() -> int:
     args.layers = teacher.config.num_hidden_layers
     models = {  # first the kernel level: one attention and one Mamba2 layer, before depth compounds errors
         "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval(),
+        "2-layer mamba1 hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0], mixer_type="mamba1").eval(),
         "teacher": teacher,
         "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval(),
+        "mamba1 hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5), mixer_type="mamba1").eval(),
     }
     gen = torch.Generator().manual_seed(1)
     lengths = (9, 40) if args.quick else (40, 700)

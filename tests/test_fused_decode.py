@@ -1,7 +1,8 @@
 """The fused Triton decoding step (``kernels="fused"``) against the reference, on CPU.
 
 Checked: logits at every block and the caches after ragged commits (KV slots, SSM states, conv
-states) for all-attention and Mamba2 hybrids; Qwen2 biases, a Mistral sliding window and output
+states) for all-attention, Mamba2 and Mamba1 hybrids (Mamba1 also with x/B/C biases, narrow
+widths and a dt rank that is not a power of two); Qwen2 biases, a Mistral sliding window and output
 projection biases; the split-key (flash-decoding) path of long contexts; more than 16 rows (tiled
 matmuls); greedy plain and speculative generation token for token; a block's logits bit for bit
 equal to one-token steps; and the clear errors for what the fused step cannot run.
@@ -121,7 +122,8 @@ def test_fused_step_on_other_teacher_families(family, overrides):
 
 def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
     """Mamba1's joint input projection with biases on x/B/C only (zeros stand in for z and the
-    low-rank dt), a conv bias, head_dim 16 and a dt rank of 3 (padded to 4 lanes): logits = reference."""
+    low-rank dt), a conv bias, head_dim 16, a dt rank of 3 (padded to 4 lanes) and an A_log stored
+    column-major (the kernel reads it through its strides): logits = reference."""
     source = tiny_teacher("llama", num_hidden_layers=2, attention_bias=True, **ODD_WIDTHS)
     model = hybrid(source, 0.5, "mamba1")
     mixer = model.model.layers[model.config.mamba_layers[0]].mamba
@@ -129,10 +131,20 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
     with torch.no_grad():  # visible biases (the tiny teacher initialises them to zero)
         for proj in (mixer.in_proj_x, mixer.B_proj, mixer.C_proj, mixer.out_proj):
             proj.bias.normal_(0, 0.5)
+        mixer.A_log.add_(torch.rand_like(mixer.A_log))  # rows that differ per channel
+    mixer.A_log = torch.nn.Parameter(mixer.A_log.detach().t().contiguous().t())
+    assert not mixer.A_log.is_contiguous()
     ref, fused = sessions(model, 2, 32, max_block=3)
     with torch.no_grad():
         diffs = run_blocks(ref, fused, ragged_rows([9, 7]), block_plan(2, [(3, [2, 3]), (3, [3, 1]), (1, [1, 1])]))
+        ref.settle()
+        fused.settle()
     assert max(diffs) < 1e-4, diffs
+    # the states too: at these small step sizes the logits barely feel a wrong decay (A read with
+    # the wrong strides moved them by 2e-5, but the state by 34%)
+    for i in model.config.mamba_layers:
+        assert _rel(fused.cache.ssm_states[i], ref.cache.ssm_states[i]) < 1e-5, i
+        assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
 def test_fused_attention_over_several_key_splits():

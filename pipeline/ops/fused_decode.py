@@ -569,7 +569,7 @@ def _mamba1_mixer_kernel(
     state_ptr, hx_ptr, hdt_ptr, hb_ptr,
     a_log_ptr, dt_w_ptr, dt_bias_ptr, d_ptr, y_ptr,
     HEADS, HEADS_PER_GROUP, Z0, B0, C0, R0, RANK, W,
-    s_pm, s_wb, s_wc, s_sb, s_sc, s_hxb, s_hxt, s_hdb, s_hdt, s_hbb, s_hbt, s_hbh, s_ym, s_dtw,
+    s_pm, s_wb, s_wc, s_sb, s_sc, s_hxb, s_hxt, s_hdb, s_hdt, s_hbb, s_hbt, s_hbh, s_ym, s_dtw, s_dtr, s_ac, s_an,
     T: tl.constexpr, SLOTS: tl.constexpr, P: tl.constexpr, N: tl.constexpr, BLOCK_R: tl.constexpr,
     WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, USE_PDL: tl.constexpr,
 ):
@@ -587,8 +587,8 @@ def _mamba1_mixer_kernel(
     dtype = proj_ptr.dtype.element_ty
     chan = h * P + offs_p  # this head's channels of d_inner (and of the conv ring)
     col_x = g * P + offs_p  # their x: the KV group's v-shaped projection, repeated across the group
-    a = -tl.exp(tl.load(a_log_ptr + chan[:, None] * N + offs_n[None, :]).to(tl.float32))
-    dt_w = tl.load(dt_w_ptr + chan[:, None] * s_dtw + offs_r[None, :], mask=(offs_r < RANK)[None, :], other=0.0)
+    a = -tl.exp(tl.load(a_log_ptr + chan[:, None] * s_ac + offs_n[None, :] * s_an).to(tl.float32))
+    dt_w = tl.load(dt_w_ptr + chan[:, None] * s_dtw + offs_r[None, :] * s_dtr, mask=(offs_r < RANK)[None, :], other=0.0)
     dt_w = dt_w.to(tl.float32)
     dt_bias = tl.load(dt_bias_ptr + chan).to(tl.float32)
     d_skip = tl.load(d_ptr + chan).to(tl.float32)
@@ -662,6 +662,10 @@ def mamba1_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
     conv_w = mixer.conv1d.weight.squeeze(1)
     dt_w = mixer.dt_proj.weight
     hx, hdt, hb = history["x"], history["dt"], history["B"]
+    block_r = triton.next_power_of_2(rank)
+    # the program keeps its state, decay rows and dt_proj rows in registers: more warps for wider
+    # heads or ranks than SmolLM2's (64 channels, state 64, rank 36 → 4 warps)
+    warps = max(MIXER_WARPS, min(16, triton.next_power_of_2(p * (n + block_r) // 2048)))
     _mamba1_mixer_kernel[(batch * h,)](
         proj, window, conv_w, mixer.conv1d.bias if mixer.conv1d.bias is not None else conv_w, lengths, replay,
         state, hx, hdt, hb,
@@ -669,10 +673,10 @@ def mamba1_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
         h, h // mixer.num_kv_heads, z0, b0, c0, r0, rank, window.shape[-1],
         proj.stride(0), window.stride(0), window.stride(1), state.stride(0), state.stride(1),
         hx.stride(0), hx.stride(1), hdt.stride(0), hdt.stride(1), hb.stride(0), hb.stride(1), hb.stride(2),
-        y.stride(0), dt_w.stride(0),
-        T=tokens, SLOTS=hx.shape[1], P=p, N=n, BLOCK_R=triton.next_power_of_2(rank), WIDTH=conv_w.shape[1],
+        y.stride(0), dt_w.stride(0), dt_w.stride(1), mixer.A_log.stride(0), mixer.A_log.stride(1),
+        T=tokens, SLOTS=hx.shape[1], P=p, N=n, BLOCK_R=block_r, WIDTH=conv_w.shape[1],
         TAPS=triton.next_power_of_2(conv_w.shape[1]), HAS_CONV_BIAS=mixer.conv1d.bias is not None,
-        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=MIXER_WARPS,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
     )
     return y
 
