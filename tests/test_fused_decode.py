@@ -208,8 +208,9 @@ def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, mon
     assert torch.equal(decoders["fused"].session.lengths, decoders["reference"].session.lengths)
 
 
-@pytest.mark.parametrize("row_programs", [True, False], ids=["row-programs", "rows-walked-in-one-program"])
-def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, monkeypatch):
+@pytest.mark.parametrize("row_programs,mixer", [(True, "mamba2"), (False, "mamba2"), (True, "mamba1")],
+                         ids=["row-programs", "rows-walked-in-one-program", "mamba1-row-programs"])
+def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, mixer, monkeypatch):
     """A block of T tokens gives each token exactly the logits T one-token steps give, whether a
     block's rows get their own GEMV programs or one program walks them (as for a large head).
     On a GPU that equality keeps greedy speculation lossless (a different summation order would flip
@@ -218,7 +219,7 @@ def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, monkeypa
 
     if not row_programs:
         monkeypatch.setattr(fused_decode, "ROW_PROGRAMS_MAX_BYTES", 0)
-    model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
+    model = hybrid(teacher(0, num_hidden_layers=2), 0.5, mixer)
     block_session, step_session = (DecodeSession(model, 2, 32, max_block=4, kernels="fused") for _ in range(2))
     tokens = prompts(2, 4, seed=5)
     with torch.no_grad():
