@@ -92,13 +92,16 @@ def main() -> int:
     graphs = args.device == "cuda"
     teacher = smollm2_like(args.layers, args.device, args.quick) if args.teacher is None else real_teacher(args.teacher, args.device)
     args.layers = teacher.config.num_hidden_layers
-    models = {  # first the kernel level: one attention and one Mamba2 layer, before depth compounds errors
-        "2-layer hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0]).eval(),
-        "2-layer mamba1 hybrid": build_hybrid(smollm2_like(2, args.device, args.quick), [0], mixer_type="mamba1").eval(),
-        "teacher": teacher,
-        "hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5)).eval(),
-        "mamba1 hybrid 0.5": build_hybrid(teacher, attention_layers_for_ratio(args.layers, 0.5), mixer_type="mamba1").eval(),
+    half = attention_layers_for_ratio(args.layers, 0.5)
+    builders = {  # first the kernel level: one attention and one Mamba layer, before depth compounds errors
+        "2-layer hybrid": lambda: build_hybrid(smollm2_like(2, args.device, args.quick), [0]),
+        "2-layer mamba1 hybrid": lambda: build_hybrid(smollm2_like(2, args.device, args.quick), [0], mixer_type="mamba1"),
+        "teacher": lambda: teacher,
+        "hybrid 0.5": lambda: build_hybrid(teacher, half),
+        "mamba1 hybrid 0.5": lambda: build_hybrid(teacher, half, mixer_type="mamba1"),
     }
+    # only the cases asked for are built (a 30-layer hybrid is a copy of the teacher's weights)
+    models = {name: build().eval() for name, build in builders.items() if args.cases is None or name in args.cases.split(",")}
     gen = torch.Generator().manual_seed(1)
     lengths = (9, 40) if args.quick else (40, 700)
     prompts = [torch.randint(1, teacher.config.vocab_size, (n,), generator=gen).to(args.device) for n in lengths]
@@ -117,8 +120,7 @@ def main() -> int:
                   f"{'ok' if row['ok'] else 'FAIL'}", flush=True)
 
     print(f"fused decoding step vs reference ({args.device}, {args.layers} layers)", flush=True)
-    cases = [(kernels, name, model) for kernels in args.kernels.split(",") for name, model in models.items()
-             if args.cases is None or name in args.cases.split(",")]
+    cases = [(kernels, name, model) for kernels in args.kernels.split(",") for name, model in models.items()]
     for kernels, name, model in cases:
         name = f"{kernels}: {name}"
         try:

@@ -419,6 +419,13 @@ def _conv_silu(proj_ptr, col, row0, t, before, conv_w, conv_b, s_pm, dtype,
 
 
 @triton.jit
+def _scan_step(state, decay, dt_x, bv):
+    """One step of a state (channels, N): ``decay * state + (dt·x)[:, None] * B[None, :]``, the
+    reference's order of operations (its decay is ``exp(dt·A)``, per head or per channel)."""
+    return decay * state + dt_x[:, None] * bv[None, :]
+
+
+@triton.jit
 def _conv_inputs(window_ptr, conv_w_ptr, conv_b_ptr, chan, b, pos0, W, s_wb, s_wc,
                  WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
     """What the conv of channels ``chan`` needs besides the block: the ring's last WIDTH-1 inputs
@@ -489,7 +496,7 @@ def _mamba2_mixer_kernel(
         x = tl.load(hx_ptr + b * s_hxb + k * s_hxt + h * s_hxh + offs_p, mask=(offs_p >= 0) & live, other=0.0)
         dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + h, mask=live, other=0.0)
         bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n, mask=(offs_n >= 0) & live, other=0.0)
-        stepped = tl.exp(dt * a) * state + (dt * x.to(tl.float32))[:, None] * bv.to(tl.float32)[None, :]
+        stepped = _scan_step(state, tl.exp(dt * a), dt * x.to(tl.float32), bv.to(tl.float32))
         state = tl.where(live, stepped, state)
     tl.store(state_ptrs, state)
     tl.debug_barrier()  # the history slots just read are overwritten below
@@ -510,7 +517,7 @@ def _mamba2_mixer_kernel(
         tl.store(hx_ptr + b * s_hxb + t * s_hxt + h * s_hxh + offs_p, x.to(hx_ptr.dtype.element_ty))
         tl.store(hdt_ptr + b * s_hdb + t * s_hdt + h, dt)
         tl.store(hb_ptr + b * s_hbb + t * s_hbt + h * s_hbh + offs_n, bv.to(hb_ptr.dtype.element_ty))
-        state = tl.exp(dt * a) * state + (dt * x)[:, None] * bv[None, :]
+        state = _scan_step(state, tl.exp(dt * a), dt * x, bv)
         y = tl.sum(state * cv[None, :], axis=1) + d_skip * x
         y = y.to(dtype).to(tl.float32)
         z = tl.load(proj_ptr + row * s_pm + h * P + offs_p).to(tl.float32)
@@ -606,7 +613,7 @@ def _mamba1_mixer_kernel(
         u = tl.load(hx_ptr + b * s_hxb + k * s_hxt + chan, mask=(offs_p >= 0) & live, other=0.0).to(tl.float32)
         dt = tl.load(hdt_ptr + b * s_hdb + k * s_hdt + chan, mask=(offs_p >= 0) & live, other=0.0)
         bv = tl.load(hb_ptr + b * s_hbb + k * s_hbt + h * s_hbh + offs_n, mask=(offs_n >= 0) & live, other=0.0)
-        stepped = tl.exp(dt[:, None] * a) * state + (dt * u)[:, None] * bv.to(tl.float32)[None, :]
+        stepped = _scan_step(state, tl.exp(dt[:, None] * a), dt * u, bv.to(tl.float32))
         state = tl.where(live, stepped, state)
     tl.store(state_ptrs, state)
     tl.debug_barrier()  # the history slots just read are overwritten below
@@ -625,7 +632,7 @@ def _mamba1_mixer_kernel(
         tl.store(hx_ptr + b * s_hxb + t * s_hxt + chan, u.to(hx_ptr.dtype.element_ty))
         tl.store(hdt_ptr + b * s_hdb + t * s_hdt + chan, dt)
         tl.store(hb_ptr + b * s_hbb + t * s_hbt + h * s_hbh + offs_n, bv.to(hb_ptr.dtype.element_ty))
-        state = tl.exp(dt[:, None] * a) * state + (dt * u)[:, None] * bv[None, :]
+        state = _scan_step(state, tl.exp(dt[:, None] * a), dt * u, bv)
         y = tl.sum(state * cv[None, :], axis=1) + d_skip * u
         y = y * (z / (1.0 + tl.exp(-z)))  # the skip first, then the gate (Mamba1's order)
         tl.store(y_ptr + row * s_ym + chan, y.to(y_ptr.dtype.element_ty))
