@@ -12,11 +12,16 @@ weight per phase, as layers have):
   own GEMV kernel, PDL on) in one CUDA graph;
 * ``persistent``  — one launch of G programs that runs the P phases with a grid barrier between
   them; each program loads its next weights before it waits, as the PDL kernels do;
-* ``barrier``     — the same launch doing no work: the barriers alone.
+* ``barrier``     — the same launch doing no work: the barriers alone;
+* ``empty chain`` — P PDL launches that only wait and pass one value on: a launch boundary alone.
+
+Two barriers: ``spin`` 0–2 count arrivals on one atomic counter (waiting by acquire atomics,
+volatile loads or ``ld.acquire``); ``spin`` 3 gives each program its own flag, stored with release
+semantics, and waits until every flag shows the phase (no atomics serialised on one address).
 
 It prints µs per phase for each, and the persistent result's error against the chain's.
 
-    python benchmarks/grid_barrier_probe.py [--phases 150] [--programs 132,144,288] [--out probe.json]
+    python benchmarks/grid_barrier_probe.py [--phases 150] [--programs 66,132,144] [--spins 0,3] [--out probe.json]
 """
 
 from __future__ import annotations
@@ -34,20 +39,35 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.fused_profile import timed  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
-from pipeline.ops.fused_decode import _dot_pieces, _load_row_pieces, _load_weight_pieces  # noqa: E402
+from pipeline.ops.fused_decode import _dot_pieces, _load_row_pieces, _load_weight_pieces, gdc_launch_dependents, gdc_wait  # noqa: E402
 
 
 @triton.jit
-def _arrive(counter_ptr):
+def _arrive(counter_ptr, phase, SPIN: tl.constexpr):
     tl.debug_barrier()  # every warp of the program has issued its stores
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    if SPIN == 3:
+        tl.atomic_xchg(counter_ptr + tl.program_id(0), phase, sem="release", scope="gpu")
+    else:
+        tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
 
 
 @triton.jit
-def _wait(counter_ptr, target, SPIN: tl.constexpr):
-    """Spin until ``target`` programs have arrived. SPIN 0: acquire atomics; 1: volatile loads
-    then one acquire; 2: ``ld.acquire.gpu`` by inline PTX."""
-    if SPIN == 0:
+def _ld_acquire(ptr):
+    return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _wait(counter_ptr, target, phase, G: tl.constexpr, SPIN: tl.constexpr):
+    """Spin until ``target`` programs have arrived (SPIN 0: acquire atomics; 1: volatile loads
+    then one acquire; 2: ``ld.acquire.gpu``), or until all G flags show ``phase`` (SPIN 3)."""
+    if SPIN == 3:
+        offs = tl.arange(0, triton.next_power_of_2(G))
+        flags = counter_ptr + offs
+        seen = tl.min(tl.where(offs < G, _ld_acquire(flags), phase), axis=0)
+        while seen < phase:
+            seen = tl.min(tl.where(offs < G, _ld_acquire(flags), phase), axis=0)
+    elif SPIN == 0:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
         while seen < target:
             seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -57,11 +77,9 @@ def _wait(counter_ptr, target, SPIN: tl.constexpr):
             seen = tl.load(counter_ptr, volatile=True)
         tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     else:
-        seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [counter_ptr],
-                                         dtype=tl.int32, is_pure=False, pack=1)
+        seen = _ld_acquire(counter_ptr)
         while seen < target:
-            seen = tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [counter_ptr],
-                                             dtype=tl.int32, is_pure=False, pack=1)
+            seen = _ld_acquire(counter_ptr)
     tl.debug_barrier()
 
 
@@ -80,7 +98,7 @@ def _persistent_chain_kernel(h_ptr, w_ptr, counter_ptr, N, K, P,
         if WORK:
             w, wb = _load_weight_pieces(w_ptr + p * N * K, offs_n, offs_k, offs_k2, N, K, K, BLOCK_K2)
         if p > 0:
-            _wait(counter_ptr, p * G, SPIN)
+            _wait(counter_ptr, p * G, p, G, SPIN)
         if WORK:
             x, xb = _load_row_pieces(h_ptr + p * N, offs_k, offs_k2, K, BLOCK_K2)
             acc = _dot_pieces(w, wb, x.to(dtype).to(tl.float32), xb.to(dtype).to(tl.float32), BLOCK_K2)
@@ -88,7 +106,7 @@ def _persistent_chain_kernel(h_ptr, w_ptr, counter_ptr, N, K, P,
             out = acc.to(dtype).to(tl.float32) + res
             tl.store(h_ptr + (p + 1) * N + offs_n, out.to(h_ptr.dtype.element_ty), mask=mask_n)
         if p + 1 < P:
-            _arrive(counter_ptr)
+            _arrive(counter_ptr, p + 1, SPIN)
 
 
 def persistent(h: torch.Tensor, weights: torch.Tensor, counter: torch.Tensor, programs: int, spin: int, work: bool):
@@ -100,9 +118,23 @@ def persistent(h: torch.Tensor, weights: torch.Tensor, counter: torch.Tensor, pr
                                           BLOCK_K2=block_k2, SPIN=spin, WORK=work, num_warps=max(1, min(4, rows)))
 
 
-def chain(h: torch.Tensor, weights: torch.Tensor):
+def chain(h: torch.Tensor, weights: torch.Tensor, out: list):
+    x = h[0:1]
     for p in range(weights.shape[0]):
-        h[p + 1:p + 2] = fused_decode.linear_residual(h[p:p + 1], weights[p], h[p:p + 1])
+        x = fused_decode.linear_residual(x, weights[p], x)
+    out[:] = [x]
+
+
+@triton.jit
+def _empty_kernel(src_ptr, dst_ptr):
+    gdc_launch_dependents()
+    gdc_wait()
+    tl.store(dst_ptr + tl.program_id(0), tl.load(src_ptr + tl.program_id(0)) + 1)
+
+
+def empty_chain(buffers: torch.Tensor, phases: int, programs: int):
+    for p in range(phases):
+        _empty_kernel[(programs,)](buffers[p % 2], buffers[(p + 1) % 2], launch_pdl=True, num_warps=1)
 
 
 def captured(fn) -> torch.cuda.CUDAGraph:
@@ -123,8 +155,8 @@ def main() -> int:
     parser.add_argument("--phases", type=int, default=150)
     parser.add_argument("--n", type=int, default=576)
     parser.add_argument("--k", type=int, default=576)
-    parser.add_argument("--programs", default="132,144,288")
-    parser.add_argument("--spins", default="0,1,2")
+    parser.add_argument("--programs", default="66,132,144")
+    parser.add_argument("--spins", default="0,3")
     parser.add_argument("--replays", type=int, default=200)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -144,9 +176,12 @@ def main() -> int:
 
     h_chain = torch.zeros(args.phases + 1, args.n, device=dev, dtype=torch.bfloat16)
     h_chain[0] = h0
-    record("chain (linear_residual, PDL)", captured(lambda: chain(h_chain, weights)), None, None)
-    reference = h_chain[-1].clone()
-    counter = torch.zeros(1, device=dev, dtype=torch.int32)
+    final: list = []
+    record("chain (linear_residual, PDL)", captured(lambda: chain(h_chain, weights, final)), None, None)
+    reference = final[0][0].clone()
+    buffers = torch.zeros(2, args.n, device=dev, dtype=torch.int32)
+    record(f"empty chain ({args.n} programs, PDL)", captured(lambda: empty_chain(buffers, args.phases, args.n)), None, None)
+    counter = torch.zeros(1024, device=dev, dtype=torch.int32)
     for programs in (int(g) for g in args.programs.split(",")):
         for spin in (int(s) for s in args.spins.split(",")):
             for work in (True, False):
