@@ -692,22 +692,35 @@ def mamba1_mixer(proj: torch.Tensor, mixer, window: torch.Tensor, lengths: torch
 
 
 @triton.jit
-def _rotate(ptr, offs_d, pos, inv_freq, rope_scale, dtype, D: tl.constexpr):
-    """Rotary embedding of one head vector at ``pos``, rounded like ``q * cos + rotate_half(q) * sin``."""
-    v = tl.load(ptr + offs_d).to(tl.float32)
-    partner = tl.load(ptr + (offs_d + D // 2) % D).to(tl.float32)
-    partner = tl.where(offs_d < D // 2, -partner, partner)
+def _rope_factors(pos, inv_freq, rope_scale, dtype):
+    """cos and sin of ``pos · inv_freq`` (any shape), scaled and rounded as the module's rotary cache."""
     angle = pos.to(tl.float32) * inv_freq
     cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
     sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
+    return cos, sin
+
+
+@triton.jit
+def _rotate(ptr, offs_d, cos, sin, dtype, D: tl.constexpr):
+    """Rotary embedding of one head vector, rounded like ``q * cos + rotate_half(q) * sin``."""
+    v = tl.load(ptr + offs_d).to(tl.float32)
+    partner = tl.load(ptr + (offs_d + D // 2) % D).to(tl.float32)
+    partner = tl.where(offs_d < D // 2, -partner, partner)
     return ((v * cos).to(dtype).to(tl.float32) + (partner * sin).to(dtype).to(tl.float32)).to(dtype)
 
 
 @triton.jit
 def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``."""
-    scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
+    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``.
+
+    USE_DOT: scores and outputs by ``tl.dot`` (tensor cores; the query rows padded to 16);
+    otherwise by products and sums on the CUDA cores over the real rows only (the same fp32
+    accumulation of exact bf16 products, in another order)."""
+    if USE_DOT:
+        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
+    else:
+        scores = tl.sum(q.to(tl.float32)[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale
     visible = (slots < end)[None, :] & (slots[None, :] <= pos_r[:, None])
     if HAS_WINDOW:
         visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
@@ -716,7 +729,11 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
     alpha = tl.exp(m_i - m_new)
     probs = tl.exp(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(probs, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
+    if USE_DOT:
+        acc = acc * alpha[:, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
+    else:
+        weighted = probs.to(keys.dtype).to(tl.float32)[:, :, None] * values.to(tl.float32)[None, :, :]
+        acc = acc * alpha[:, None] + tl.sum(weighted, axis=1)
     return m_new, l_i, acc
 
 
@@ -726,7 +743,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -751,6 +768,15 @@ def _attention_kernel(
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
+    # the rotary factors depend on positions only: of the block's first key, and of every query row
+    # (row r = i * T + t is query head kvh * REP + i at token t)
+    cos0, sin0 = _rope_factors(pos0, inv_freq, rope_scale, dtype)
+    offs_r = tl.arange(0, BLOCK_R)
+    valid_r = offs_r < REP * T
+    t_r = offs_r % T
+    head_r = kvh * REP + offs_r // T
+    pos_r = pos0 + t_r
+    cos_r, sin_r = _rope_factors(pos_r[:, None], inv_freq[None, :], rope_scale, dtype)
     if USE_PDL:
         gdc_wait()  # the q/k/v projection of the block comes from the kernel before
 
@@ -759,7 +785,10 @@ def _attention_kernel(
         pos = pos0 + t
         mine = (pos >= lo) & (pos < hi)
         row_ptr = qkv_ptr + (b * T + t) * s_qm
-        k = _rotate(row_ptr + (hq + kvh) * D, offs_d, pos, inv_freq, rope_scale, dtype, D)
+        cos, sin = cos0, sin0
+        if t > 0:
+            cos, sin = _rope_factors(pos, inv_freq, rope_scale, dtype)
+        k = _rotate(row_ptr + (hq + kvh) * D, offs_d, cos, sin, dtype, D)
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
@@ -768,33 +797,24 @@ def _attention_kernel(
         values = tl.where(here, v[None, :], values)
     tl.debug_barrier()  # later tiles are read back from the cache
 
-    # queries: row r = i * T + t is query head kvh * REP + i at token t
-    offs_r = tl.arange(0, BLOCK_R)
-    valid_r = offs_r < REP * T
-    t_r = offs_r % T
-    head_r = kvh * REP + offs_r // T
-    pos_r = pos0 + t_r
     q_rows = qkv_ptr + (b * T + t_r)[:, None] * s_qm + head_r[:, None] * D
     q_mask = valid_r[:, None] & (offs_d >= 0)[None, :]
     q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
-    angle = pos_r.to(tl.float32)[:, None] * inv_freq[None, :]
-    cos = (tl.cos(angle) * rope_scale).to(dtype).to(tl.float32)
-    sin = (tl.sin(angle) * rope_scale).to(dtype).to(tl.float32)
-    q = ((q * cos).to(dtype).to(tl.float32) + (q_partner * sin).to(dtype).to(tl.float32)).to(dtype)
+    q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
 
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION, USE_DOT)
     for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
         later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
         m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                     HAS_WINDOW, PRECISION)
+                                     HAS_WINDOW, PRECISION, USE_DOT)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -841,6 +861,9 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
+# Scores and outputs on tensor cores (tl.dot, query rows padded to 16) or on the CUDA cores over
+# the real rows (a KV head's REP query heads times the block's tokens): to be measured.
+ATTENTION_DOT = True
 COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
 
@@ -888,9 +911,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
-        SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        T=tokens, D=d, BLOCK_R=max(16 if ATTENTION_DOT else 2, triton.next_power_of_2(rep * tokens)),
+        BLOCK_L=_attention_tile(split_len), SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
+        PRECISION=_precision(keys.dtype), USE_DOT=ATTENTION_DOT, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
