@@ -12,6 +12,7 @@ the step: its weights load under the previous launch either way.
 SmolLM2-135M shapes with random weights, bf16, batch 1.
 
     python benchmarks/fused_kernel_costs.py --ratios 0.5 --prompts 512,16384 [--mixer mamba1] [--out costs.json]
+    python benchmarks/fused_kernel_costs.py --ratios 0.5 --prompts 512 --variant default --variant "GEMV_LAYER=(2048,1)"
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
 from benchmarks.fused_profile import timed  # noqa: E402
+from benchmarks.fused_variants import parse_variant  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
@@ -91,11 +93,15 @@ def main() -> int:
     parser.add_argument("--mixer", default="mamba2")
     parser.add_argument("--chain", type=int, default=40)
     parser.add_argument("--replays", type=int, default=20)
+    parser.add_argument("--variant", action="append", default=None, help="NAME=VALUE;… of fused_decode (repeatable)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
     teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
     results = []
-    for ratio in (float(r) for r in args.ratios.split(",")):
+    for spec, ratio in ((v, float(r)) for v in args.variant or ["default"] for r in args.ratios.split(",")):
+        for name, value in {**defaults, **parse_variant(spec)}.items():
+            setattr(fused_decode, name, value)
         model = teacher if ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, ratio),
                                                         mixer_type=args.mixer).eval()
         for length in (int(p) for p in args.prompts.split(",")):
@@ -110,7 +116,7 @@ def main() -> int:
                 for name, fn, a, k in calls:
                     per_kind[kind(name, a, k)].append(chain_us(fn, a, k, args.chain, args.replays))
             total = sum(sum(v) for v in per_kind.values())
-            print(f"\n{args.mixer if ratio else 'teacher'} {ratio:g} p{length}: captured step {step_us:.1f} us; "
+            print(f"\n[{spec}] {args.mixer if ratio else 'teacher'} {ratio:g} p{length}: captured step {step_us:.1f} us; "
                   f"{len(calls)} recorded op calls sum to {total:.1f} us in chains of themselves")
             print(f"  {'op':<34} {'calls':>5} {'us each':>8} {'us total':>9}")
             rows = []
@@ -118,7 +124,7 @@ def main() -> int:
                 each = sum(values) / len(values)
                 print(f"  {key:<34} {len(values):>5} {each:8.2f} {sum(values):9.1f}")
                 rows.append(dict(op=key, calls=len(values), us_each=each, us_total=sum(values)))
-            results.append(dict(ratio=ratio, mixer=args.mixer, prompt=length, step_us=step_us, ops=rows))
+            results.append(dict(variant=spec, ratio=ratio, mixer=args.mixer, prompt=length, step_us=step_us, ops=rows))
             del session, step_graph, calls
             torch.cuda.empty_cache()
     if args.out:

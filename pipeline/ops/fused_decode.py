@@ -711,16 +711,9 @@ def _rotate(ptr, offs_d, cos, sin, dtype, D: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
-    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``.
-
-    USE_DOT: scores and outputs by ``tl.dot`` (tensor cores; the query rows padded to 16);
-    otherwise by products and sums on the CUDA cores over the real rows only (the same fp32
-    accumulation of exact bf16 products, in another order)."""
-    if USE_DOT:
-        scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-    else:
-        scores = tl.sum(q.to(tl.float32)[:, None, :] * keys.to(tl.float32)[None, :, :], axis=2) * scale
+                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``."""
+    scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
     visible = (slots < end)[None, :] & (slots[None, :] <= pos_r[:, None])
     if HAS_WINDOW:
         visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
@@ -729,11 +722,7 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
     alpha = tl.exp(m_i - m_new)
     probs = tl.exp(scores - m_new[:, None])
     l_i = l_i * alpha + tl.sum(probs, axis=1)
-    if USE_DOT:
-        acc = acc * alpha[:, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
-    else:
-        weighted = probs.to(keys.dtype).to(tl.float32)[:, :, None] * values.to(tl.float32)[None, :, :]
-        acc = acc * alpha[:, None] + tl.sum(weighted, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
     return m_new, l_i, acc
 
 
@@ -743,7 +732,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_DOT: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PRELOAD_SECOND: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -768,6 +757,11 @@ def _attention_kernel(
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
+    slots2 = slots + BLOCK_L  # a split of two tiles may load its second one before the wait too
+    if PRELOAD_SECOND:
+        earlier2 = (slots2 < tl.minimum(hi, pos0))[:, None]
+        keys2 = tl.load(k_cache_ptr + tile_ptrs + BLOCK_L * s_cl, mask=earlier2, other=0.0)
+        values2 = tl.load(v_cache_ptr + tile_ptrs + BLOCK_L * s_cl, mask=earlier2, other=0.0)
     # the rotary factors depend on positions only: of the block's first key, and of every query row
     # (row r = i * T + t is query head kvh * REP + i at token t)
     cos0, sin0 = _rope_factors(pos0, inv_freq, rope_scale, dtype)
@@ -795,6 +789,10 @@ def _attention_kernel(
         here = ((slots == pos) & mine)[:, None]
         keys = tl.where(here, k[None, :], keys)
         values = tl.where(here, v[None, :], values)
+        if PRELOAD_SECOND:
+            here2 = ((slots2 == pos) & mine)[:, None]
+            keys2 = tl.where(here2, k[None, :], keys2)
+            values2 = tl.where(here2, v[None, :], values2)
     tl.debug_barrier()  # later tiles are read back from the cache
 
     q_rows = qkv_ptr + (b * T + t_r)[:, None] * s_qm + head_r[:, None] * D
@@ -807,14 +805,20 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION, USE_DOT)
-    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
+    rest = lo + BLOCK_L
+    if PRELOAD_SECOND:
+        if rest < end:
+            m_i, l_i, acc = _attend_tile(q, keys2, values2, slots2, end, pos_r, m_i, l_i, acc, scale, WINDOW,
+                                         HAS_WINDOW, PRECISION)
+        rest += BLOCK_L
+    for l0 in range(rest, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
         later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
         m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                     HAS_WINDOW, PRECISION, USE_DOT)
+                                     HAS_WINDOW, PRECISION)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -861,9 +865,8 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-# Scores and outputs on tensor cores (tl.dot, query rows padded to 16) or on the CUDA cores over
-# the real rows (a KV head's REP query heads times the block's tokens): to be measured.
-ATTENTION_DOT = True
+# A split of exactly two tiles (16k keys: 256 in tiles of 128) loads both before the wait: to be measured.
+ATTENTION_PRELOAD_SECOND = False
 COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
 
@@ -900,6 +903,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
     n_splits, split_len = splits
+    block_l = _attention_tile(split_len)
     out = torch.empty(qkv.shape[0], num_heads * d, device=qkv.device, dtype=qkv.dtype)
     if n_splits > 1:
         part_acc = torch.empty(n_splits, qkv.shape[0], num_heads * d, device=qkv.device, dtype=torch.float32)
@@ -911,9 +915,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16 if ATTENTION_DOT else 2, triton.next_power_of_2(rep * tokens)),
-        BLOCK_L=_attention_tile(split_len), SPLITS=n_splits, HAS_WINDOW=sliding_window is not None,
-        PRECISION=_precision(keys.dtype), USE_DOT=ATTENTION_DOT, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=block_l, SPLITS=n_splits,
+        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
+        PRELOAD_SECOND=ATTENTION_PRELOAD_SECOND and split_len == 2 * block_l, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
