@@ -147,17 +147,15 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
         assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("tile,preload", [(64, False), (8, False), (8, True)],
-                         ids=["one-tile-per-split", "two-tiles-per-split", "two-tiles-loaded-before-the-wait"])
-def test_fused_attention_over_several_key_splits(tile, preload, monkeypatch):
+@pytest.mark.parametrize("tile", [64, 8], ids=["one-tile-per-split", "two-tiles-per-split"])
+def test_fused_attention_over_several_key_splits(tile, monkeypatch):
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference. A
-    split is one tile, or two tiles of 8 (as 16k keys take two of 128), the second read after the
-    block's keys are written or, with ATTENTION_PRELOAD_SECOND, loaded before and patched."""
+    split is one tile, or two tiles of 8 (as 16k keys take two of 128), the second read back from
+    the cache after the block's keys are written there."""
     from pipeline.ops import fused_decode
 
     monkeypatch.setattr(fused_decode, "KEYS_PER_SPLIT", min(tile, fused_decode.KEYS_PER_SPLIT))
     monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", min(tile, fused_decode.LONG_SPLIT_UNIT))
-    monkeypatch.setattr(fused_decode, "ATTENTION_PRELOAD_SECOND", preload)
     assert fused_decode._attention_tile(16) == min(tile, 64)
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5)
     ref, fused = sessions(model, 3, 48, max_block=4)

@@ -305,6 +305,11 @@ def _gemv_residual_kernel(
 # idle at K = 576. Measured as above: 404 -> 383 us (50% hybrid), 381 -> 358 us (87.5%).
 GEMV_LAYER = (1024, 1)
 GEMV_LARGE = (8192, 4)
+# Layer GEMVs of at least GEMV_WIDE_MIN_ROWS output rows take GEMV_WIDE instead (fewer programs, each
+# doing two rows): to be measured (GEMV_LAYER=(2048,1) for all layer GEMVs sped the 50% hybrid up and
+# slowed the teacher).
+GEMV_WIDE = (2048, 1)
+GEMV_WIDE_MIN_ROWS = 1 << 30
 GEMV_SPLIT_K = True
 
 
@@ -315,7 +320,7 @@ def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int, i
     Warps grow with the program's weights past 64 per thread (wider teachers than SmolLM2's,
     whose settings were measured): a row of K = 14336 in one warp would spill its registers.
     """
-    per_program, warps = GEMV_LARGE if _large(weight) else GEMV_LAYER
+    per_program, warps = GEMV_LARGE if _large(weight) else GEMV_WIDE if n >= GEMV_WIDE_MIN_ROWS else GEMV_LAYER
     padded = triton.next_power_of_2(k)
     block_n = max(1, min(triton.next_power_of_2(n), per_program // padded))
     warps = max(warps, min(8, block_n * padded // (64 * 32)))
@@ -397,7 +402,8 @@ def _softplus(x):
 @triton.jit
 def _conv_silu(proj_ptr, col, row0, t, before, conv_w, conv_b, s_pm, dtype,
                WIDTH: tl.constexpr, TAPS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr):
-    """Causal conv + SiLU of the block's token ``t`` on in-proj columns ``col``.
+    """Causal conv + SiLU of the block's token ``t`` on in-proj columns ``col``, and the token's own
+    raw input there (fp32; what the conv ring keeps for later positions).
 
     ``before`` (channels, TAPS) holds the conv inputs of the positions just before the block
     (column i: position ``pos0 - 1 - i``) and ``conv_w`` (channels, TAPS) the taps; which tap reads
@@ -415,7 +421,7 @@ def _conv_silu(proj_ptr, col, row0, t, before, conv_w, conv_b, s_pm, dtype,
         acc += u * w
     if HAS_CONV_BIAS:  # after the taps, as the reference conv adds it
         acc += conv_b
-    return (acc / (1.0 + tl.exp(-acc))).to(dtype).to(tl.float32)
+    return (acc / (1.0 + tl.exp(-acc))).to(dtype).to(tl.float32), u  # the last tap reads the token itself
 
 
 @triton.jit
@@ -503,16 +509,19 @@ def _mamba2_mixer_kernel(
     if USE_PDL:
         gdc_wait()  # the in-proj output below comes from the kernel before
 
-    # 2. the block: conv, scan from the replayed state, gated norm; its inputs become the history
+    # 2. the block: conv, scan from the replayed state, gated norm; its inputs become the history.
+    # Every load of a token precedes its stores (a load after a store waits for it: the compiler
+    # cannot tell the buffers apart), and the ring takes the conv's own loads of the token's inputs.
     for t in tl.static_range(T):
         row = row0 + t
-        x = _conv_silu(proj_ptr, D_INNER + cx, row0, t, before_x, conv_w_x, conv_b_x, s_pm, dtype,
-                       WIDTH, TAPS, HAS_CONV_BIAS)
-        bv = _conv_silu(proj_ptr, D_INNER + cb, row0, t, before_b, conv_w_b, conv_b_b, s_pm, dtype,
-                        WIDTH, TAPS, HAS_CONV_BIAS)
-        cv = _conv_silu(proj_ptr, D_INNER + cc, row0, t, before_c, conv_w_c, conv_b_c, s_pm, dtype,
-                        WIDTH, TAPS, HAS_CONV_BIAS)
+        x, raw_x = _conv_silu(proj_ptr, D_INNER + cx, row0, t, before_x, conv_w_x, conv_b_x, s_pm, dtype,
+                              WIDTH, TAPS, HAS_CONV_BIAS)
+        bv, raw_b = _conv_silu(proj_ptr, D_INNER + cb, row0, t, before_b, conv_w_b, conv_b_b, s_pm, dtype,
+                               WIDTH, TAPS, HAS_CONV_BIAS)
+        cv, raw_c = _conv_silu(proj_ptr, D_INNER + cc, row0, t, before_c, conv_w_c, conv_b_c, s_pm, dtype,
+                               WIDTH, TAPS, HAS_CONV_BIAS)
         raw = tl.load(proj_ptr + row * s_pm + D_INNER + conv_dim + h).to(tl.float32) + dt_bias
+        z = tl.load(proj_ptr + row * s_pm + h * P + offs_p).to(tl.float32)
         dt = _softplus(raw)
         tl.store(hx_ptr + b * s_hxb + t * s_hxt + h * s_hxh + offs_p, x.to(hx_ptr.dtype.element_ty))
         tl.store(hdt_ptr + b * s_hdb + t * s_hdt + h, dt)
@@ -520,18 +529,15 @@ def _mamba2_mixer_kernel(
         state = _scan_step(state, tl.exp(dt * a), dt * x, bv)
         y = tl.sum(state * cv[None, :], axis=1) + d_skip * x
         y = y.to(dtype).to(tl.float32)
-        z = tl.load(proj_ptr + row * s_pm + h * P + offs_p).to(tl.float32)
         gated = y * (z / (1.0 + tl.exp(-z)))
         gated = gated / tl.sqrt(tl.sum(gated * gated, axis=0) / P + eps)
         tl.store(y_ptr + row * s_ym + h * P + offs_p, (gated * norm_w).to(y_ptr.dtype.element_ty))
         # the token's raw conv inputs enter the ring at its own slot: later tokens of this block read
         # the in-proj output instead, and the slots read above (positions < pos0) differ from it
-        slot = (pos0 + t) % W
-        ring = window_ptr + b * s_wb + slot
-        inputs = proj_ptr + row * s_pm + D_INNER
-        tl.store(ring + cx * s_wc, tl.load(inputs + cx).to(window_ptr.dtype.element_ty))
-        tl.store(ring + cb * s_wc, tl.load(inputs + cb).to(window_ptr.dtype.element_ty))
-        tl.store(ring + cc * s_wc, tl.load(inputs + cc).to(window_ptr.dtype.element_ty))
+        ring = window_ptr + b * s_wb + (pos0 + t) % W
+        tl.store(ring + cx * s_wc, raw_x.to(window_ptr.dtype.element_ty))
+        tl.store(ring + cb * s_wc, raw_b.to(window_ptr.dtype.element_ty))
+        tl.store(ring + cc * s_wc, raw_c.to(window_ptr.dtype.element_ty))
 
 
 MIXER_WARPS = 4  # one program per (row, head)
@@ -622,7 +628,8 @@ def _mamba1_mixer_kernel(
 
     for t in tl.static_range(T):
         row = row0 + t
-        u = _conv_silu(proj_ptr, col_x, row0, t, before, conv_w, conv_b, s_pm, dtype, WIDTH, TAPS, HAS_CONV_BIAS)
+        u, raw_x = _conv_silu(proj_ptr, col_x, row0, t, before, conv_w, conv_b, s_pm, dtype, WIDTH, TAPS,
+                              HAS_CONV_BIAS)
         low_rank = tl.load(proj_ptr + row * s_pm + R0 + offs_r, mask=offs_r < RANK, other=0.0).to(tl.float32)
         raw = tl.sum(dt_w * low_rank[None, :], axis=1).to(dtype).to(tl.float32)  # dt_proj's output, rounded
         dt = _softplus(raw + dt_bias)
@@ -636,9 +643,8 @@ def _mamba1_mixer_kernel(
         y = tl.sum(state * cv[None, :], axis=1) + d_skip * u
         y = y * (z / (1.0 + tl.exp(-z)))  # the skip first, then the gate (Mamba1's order)
         tl.store(y_ptr + row * s_ym + chan, y.to(y_ptr.dtype.element_ty))
-        slot = (pos0 + t) % W  # the token's raw x enters the ring at its own slot
-        tl.store(window_ptr + b * s_wb + chan * s_wc + slot,
-                 tl.load(proj_ptr + row * s_pm + col_x).to(window_ptr.dtype.element_ty))
+        slot = (pos0 + t) % W  # the token's raw x (the conv's own load of it) enters the ring at its own slot
+        tl.store(window_ptr + b * s_wb + chan * s_wc + slot, raw_x.to(window_ptr.dtype.element_ty))
 
 
 def mamba1_in_proj(mixer) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -732,7 +738,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PRELOAD_SECOND: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -757,11 +763,6 @@ def _attention_kernel(
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
-    slots2 = slots + BLOCK_L  # a split of two tiles may load its second one before the wait too
-    if PRELOAD_SECOND:
-        earlier2 = (slots2 < tl.minimum(hi, pos0))[:, None]
-        keys2 = tl.load(k_cache_ptr + tile_ptrs + BLOCK_L * s_cl, mask=earlier2, other=0.0)
-        values2 = tl.load(v_cache_ptr + tile_ptrs + BLOCK_L * s_cl, mask=earlier2, other=0.0)
     # the rotary factors depend on positions only: of the block's first key, and of every query row
     # (row r = i * T + t is query head kvh * REP + i at token t)
     cos0, sin0 = _rope_factors(pos0, inv_freq, rope_scale, dtype)
@@ -773,6 +774,12 @@ def _attention_kernel(
     cos_r, sin_r = _rope_factors(pos_r[:, None], inv_freq[None, :], rope_scale, dtype)
     if USE_PDL:
         gdc_wait()  # the q/k/v projection of the block comes from the kernel before
+    # The queries are loaded first: issued after the cache stores below, they would wait for them
+    # (the compiler cannot tell the buffers apart).
+    q_rows = qkv_ptr + (b * T + t_r)[:, None] * s_qm + head_r[:, None] * D
+    q_mask = valid_r[:, None] & (offs_d >= 0)[None, :]
+    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
+    q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
 
     # the block's keys (rotated) and values go into the cache slots of this split, and into the tile
     for t in tl.static_range(T):
@@ -789,16 +796,8 @@ def _attention_kernel(
         here = ((slots == pos) & mine)[:, None]
         keys = tl.where(here, k[None, :], keys)
         values = tl.where(here, v[None, :], values)
-        if PRELOAD_SECOND:
-            here2 = ((slots2 == pos) & mine)[:, None]
-            keys2 = tl.where(here2, k[None, :], keys2)
-            values2 = tl.where(here2, v[None, :], values2)
     tl.debug_barrier()  # later tiles are read back from the cache
 
-    q_rows = qkv_ptr + (b * T + t_r)[:, None] * s_qm + head_r[:, None] * D
-    q_mask = valid_r[:, None] & (offs_d >= 0)[None, :]
-    q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
-    q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
     q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
 
@@ -806,13 +805,7 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
     m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
-    rest = lo + BLOCK_L
-    if PRELOAD_SECOND:
-        if rest < end:
-            m_i, l_i, acc = _attend_tile(q, keys2, values2, slots2, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                         HAS_WINDOW, PRECISION)
-        rest += BLOCK_L
-    for l0 in range(rest, end, BLOCK_L):
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
@@ -865,8 +858,6 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-# A split of exactly two tiles (16k keys: 256 in tiles of 128) loads both before the wait: to be measured.
-ATTENTION_PRELOAD_SECOND = False
 COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
 
@@ -916,8 +907,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=block_l, SPLITS=n_splits,
-        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        PRELOAD_SECOND=ATTENTION_PRELOAD_SECOND and split_len == 2 * block_l, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
