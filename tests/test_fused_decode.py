@@ -254,14 +254,17 @@ def test_block_rows_get_their_own_gemv_programs_except_for_large_weights():
 
 
 def test_gemv_settings_split_k_and_scale_warps_with_row_width():
-    """SmolLM2's measured settings (one row, one warp, K = 576 as 512 + 64); a power-of-two K is not
-    split; wider rows (an 8B teacher's K = 14336) get more warps instead of spilling one warp's registers."""
+    """SmolLM2's measured settings (one warp, K = 576 as 512 + 64; two rows per program from 900 rows
+    up, one below); a power-of-two K is not split; wider rows (an 8B teacher's K = 14336) get more
+    warps instead of spilling one warp's registers."""
     from pipeline.ops.fused_decode import _gemv_config
 
     def config(n, k):
         return _gemv_config(n, k, torch.empty(n, k, dtype=torch.bfloat16, device="meta"))
 
-    assert config(1545, 576) == (1, 512, 64, 1)  # Mamba in_proj
+    assert config(1545, 576) == (2, 512, 64, 1)  # Mamba in_proj
+    assert config(960, 576) == (2, 512, 64, 1)  # q/k/v
+    assert config(576, 576) == (1, 512, 64, 1)  # o_proj / out_proj
     assert config(576, 1536) == (1, 1024, 512, 1)  # down_proj
     assert config(49152, 576) == (8, 512, 64, 4)  # the head: large weights, 8 rows per program
     assert config(64, 1024) == (1, 1024, 0, 1)

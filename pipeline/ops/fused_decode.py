@@ -305,11 +305,14 @@ def _gemv_residual_kernel(
 # idle at K = 576. Measured as above: 404 -> 383 us (50% hybrid), 381 -> 358 us (87.5%).
 GEMV_LAYER = (1024, 1)
 GEMV_LARGE = (8192, 4)
-# Layer GEMVs of at least GEMV_WIDE_MIN_ROWS output rows take GEMV_WIDE instead (fewer programs, each
-# doing two rows): to be measured (GEMV_LAYER=(2048,1) for all layer GEMVs sped the 50% hybrid up and
-# slowed the teacher).
+# Layer GEMVs of at least GEMV_WIDE_MIN_ROWS output rows take GEMV_WIDE instead: two rows per
+# program, half the programs (launching a program costs ~1 ns). In chains of themselves (benchmarks/
+# fused_kernel_costs.py) SmolLM2's in_proj went 2.30 -> 1.60 us, the SwiGLU pair 2.31 -> 1.95 and
+# q/k/v 1.67 -> 1.38; in captured steps (fused_variants.py, one H100) the threshold of 900 (in_proj,
+# SwiGLU, q/k/v; not the 576-row o_proj/out_proj) was best: 50% hybrid 368 -> 342 us at p512,
+# 447 -> 439 at p16k; 75% 359 -> 324 / 395 -> 378; teacher 388 -> 379 / 524 -> 521.
 GEMV_WIDE = (2048, 1)
-GEMV_WIDE_MIN_ROWS = 1 << 30
+GEMV_WIDE_MIN_ROWS = 900
 GEMV_SPLIT_K = True
 
 
@@ -856,7 +859,8 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
 # 456 / 476 against 544); at 16k keys 65 splits of 256 keys in tiles of 128 did best (490 us).
 KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
-LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this
+LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
+LONG_SPLITS = 128  # ... and about this many of them
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
@@ -872,9 +876,10 @@ def attention_splits(max_length: int) -> tuple[int, int]:
     """
     if max_length <= KEYS_PER_SPLIT:
         return 1, max_length
-    splits = min(MAX_SPLITS, triton.cdiv(max_length, KEYS_PER_SPLIT))
-    unit = KEYS_PER_SPLIT if max_length <= KEYS_PER_SPLIT * MAX_SPLITS else LONG_SPLIT_UNIT
-    per_split = triton.cdiv(triton.cdiv(max_length, splits), unit) * unit
+    if max_length <= KEYS_PER_SPLIT * MAX_SPLITS:
+        per_split = KEYS_PER_SPLIT
+    else:
+        per_split = triton.cdiv(triton.cdiv(max_length, LONG_SPLITS), LONG_SPLIT_UNIT) * LONG_SPLIT_UNIT
     return triton.cdiv(max_length, per_split), per_split
 
 
