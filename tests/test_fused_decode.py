@@ -170,6 +170,20 @@ def test_fused_attention_over_several_key_splits(tile, monkeypatch):
     assert fused.lengths.tolist() == [13 + 4 + 2 + 1, 30 + 1 + 4 + 1, 20 + 3 + 4 + 1]
 
 
+def test_attention_split_layouts_cover_every_key():
+    """Splits of 64 keys up to 8k slots (the measured best), then ~LONG_SPLITS splits in units of
+    128 (16k: 65 x 256, kept after fewer splits measured slower); every layout covers the buffer."""
+    from pipeline.ops.fused_decode import attention_splits
+
+    assert attention_splits(48) == (1, 48)
+    assert attention_splits(528) == (9, 64)
+    assert attention_splits(4112) == (65, 64)
+    assert attention_splits(16400) == (65, 256)
+    for length in (65, 528, 8192, 8193, 16400, 40000):
+        splits, per_split = attention_splits(length)
+        assert (splits - 1) * per_split < length <= splits * per_split
+
+
 def test_fused_step_with_many_rows_takes_the_tiled_matmuls():
     """Batch 4 x blocks of 5 = 20 rows, above the GEMV kernels' 16: the tiled matmul kernels = reference."""
     from pipeline.ops.fused_decode import GEMV_MAX_ROWS
