@@ -862,9 +862,6 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
-# Keys per tile at most. A tile of 128 keys takes 255 registers a thread at 8 warps (ptxas, sm_90),
-# a tile of 64 takes 128: one program per SM against two. To be measured at 16k keys.
-ATTENTION_MAX_TILE = 128
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
 
@@ -888,8 +885,8 @@ def attention_splits(max_length: int) -> tuple[int, int]:
 
 
 def _attention_tile(split_len: int) -> int:
-    """Keys per tile: a split of up to 128 keys in one tile, longer ones in tiles of 128 (at most ATTENTION_MAX_TILE)."""
-    return min(LONG_SPLIT_UNIT, ATTENTION_MAX_TILE, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
+    """Keys per tile: a split of up to 128 keys in one tile, longer ones in tiles of 128."""
+    return min(LONG_SPLIT_UNIT, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
