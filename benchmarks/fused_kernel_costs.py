@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
-from benchmarks.fused_profile import timed  # noqa: E402
+from benchmarks.fused_profile import captured, timed  # noqa: E402
 from benchmarks.fused_variants import parse_variant  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
@@ -75,15 +75,7 @@ def chain_us(fn, args, kwargs, chain: int, replays: int) -> float:
         for _ in range(chain):
             fn(*args, **kwargs)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        body()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
-    return timed(graph.replay, replays)[1] / chain
+    return timed(captured(body).replay, replays)[1] / chain
 
 
 def main() -> int:

@@ -42,6 +42,20 @@ def timed(replay, n: int = 200) -> tuple[float, float]:
     return (enqueued - start) / n * 1e6, (done - start) / n * 1e6
 
 
+def captured(fn) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of ``fn()``, run once first on a side stream (compiling and warming up outside the capture)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
 def graph_step_us(model, prompt, kernels: str, steps: int = 300) -> float:
     session = DecodeSession(model, 1, prompt.numel() + steps + 16, kernels=kernels)
     token = session.prefill([prompt]).argmax(-1)[:, None]

@@ -37,7 +37,7 @@ import triton.language as tl
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from benchmarks.fused_profile import timed  # noqa: E402
+from benchmarks.fused_profile import captured, timed  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 from pipeline.ops.fused_decode import _dot_pieces, _load_row_pieces, _load_weight_pieces, gdc_launch_dependents, gdc_wait  # noqa: E402
 
@@ -135,19 +135,6 @@ def _empty_kernel(src_ptr, dst_ptr):
 def empty_chain(buffers: torch.Tensor, phases: int, programs: int):
     for p in range(phases):
         _empty_kernel[(programs,)](buffers[p % 2], buffers[(p + 1) % 2], launch_pdl=True, num_warps=1)
-
-
-def captured(fn) -> torch.cuda.CUDAGraph:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compile and warm up outside the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
 
 
 def main() -> int:

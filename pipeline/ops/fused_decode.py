@@ -900,7 +900,6 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
     n_splits, split_len = splits
-    block_l = _attention_tile(split_len)
     out = torch.empty(qkv.shape[0], num_heads * d, device=qkv.device, dtype=qkv.dtype)
     if n_splits > 1:
         part_acc = torch.empty(n_splits, qkv.shape[0], num_heads * d, device=qkv.device, dtype=torch.float32)
@@ -912,8 +911,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=block_l, SPLITS=n_splits,
-        HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
+        SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
