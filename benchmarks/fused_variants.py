@@ -2,7 +2,8 @@
 
 SmolLM2-135M shapes with random weights (speed does not depend on them), bf16, batch 1. For the
 teacher (ratio 0) and each hybrid ratio, and each prompt length: µs per replay of the captured
-step (no host work) and the tok/s it stands for; ``--per-graph`` captures several steps per graph. Each ``--variant`` sets tuning attributes of
+step (no host work) and the tok/s it stands for; ``--per-graph`` captures several steps per graph;
+``--loop`` also times the greedy loop's graph (step, commit, argmax). Each ``--variant`` sets tuning attributes of
 :mod:`pipeline.ops.fused_decode` (``;``-separated ``NAME=VALUE``, e.g. ``GEMV_LAYER=(2048,1)`` or
 ``KEYS_PER_SPLIT=128;ATTENTION_WARPS=4``) before its sessions are built; ``default`` keeps the
 module's. ``--label`` names the code measured, so that two runs of one call (say, before and after
@@ -27,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks.fused_parity import smollm2_like  # noqa: E402
 from benchmarks.fused_profile import timed  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
+from pipeline.decoding.speculative import PlainDecoder  # noqa: E402
 from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
@@ -43,6 +45,15 @@ def graph_step_us(model, prompt: torch.Tensor, steps_per_graph: int, replays: in
             session.step(token)
 
     return timed(session.capture(body, []).replay, replays)[1] / steps_per_graph
+
+
+def loop_step_us(model, prompt: torch.Tensor, replays: int) -> float:
+    """µs per token of the greedy decoding loop's own graph (the step, then the bookkeeping kernel
+    that commits it and chooses the next token), replayed back to back: the cache grows by one
+    token a replay, as in :class:`PlainDecoder` (whose host-side checks are left out)."""
+    decoder = PlainDecoder(model, 1, prompt.numel() + replays + 64, kernels="fused")
+    decoder.generate(prompt[None], max_new_tokens=4)  # captures the loop's graph
+    return timed(decoder._loop[1].replay, replays)[1]
 
 
 def parse_variant(spec: str) -> dict:
@@ -65,6 +76,7 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=None, help="NAME=VALUE;… (repeatable); default: none")
     parser.add_argument("--steps", type=int, default=300, help="steps timed per setting")
     parser.add_argument("--per-graph", default="1", help="one-token steps captured per graph, comma separated")
+    parser.add_argument("--loop", action="store_true", help="also time the greedy loop's graph (step + bookkeeping)")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -88,6 +100,12 @@ def main() -> int:
                     rows.append({"label": args.label, "variant": spec, "ratio": name, "prompt": length,
                                  "steps_per_graph": per_graph, "step_us": step})
                     print(f"{args.label:<8} {spec:<34} {name:<6} {length:>6} {per_graph:>5} {step:8.1f} {1e6 / step:7.0f}",
+                          flush=True)
+                if args.loop:
+                    step = loop_step_us(model, prompt, args.steps)
+                    rows.append({"label": args.label, "variant": spec, "ratio": name, "prompt": length,
+                                 "steps_per_graph": "loop", "step_us": step})
+                    print(f"{args.label:<8} {spec:<34} {name:<6} {length:>6} {'loop':>5} {step:8.1f} {1e6 / step:7.0f}",
                           flush=True)
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

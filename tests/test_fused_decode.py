@@ -147,13 +147,16 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
         assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("tile", [64, 8], ids=["one-tile-per-split", "two-tiles-per-split"])
-def test_fused_attention_over_several_key_splits(tile, monkeypatch):
+@pytest.mark.parametrize("tile,reload", [(64, False), (8, False), (8, True)],
+                         ids=["one-tile-per-split", "two-tiles-per-split", "two-tiles-block-slots-read-back"])
+def test_fused_attention_over_several_key_splits(tile, reload, monkeypatch):
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference. A
     split is one tile, or two tiles of 8 (as 16k keys take two of 128), the second read back from
-    the cache after the block's keys are written there."""
+    the cache after the block's keys are written there; with ``reload`` (as tiles of 128 are) a
+    first tile that holds block slots is read back too instead of being patched in registers."""
     from pipeline.ops import fused_decode
 
+    monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD_TILE", tile if reload else 2 * tile)
     monkeypatch.setattr(fused_decode, "KEYS_PER_SPLIT", min(tile, fused_decode.KEYS_PER_SPLIT))
     monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", min(tile, fused_decode.LONG_SPLIT_UNIT))
     assert fused_decode._attention_tile(16) == min(tile, 64)
@@ -230,19 +233,30 @@ def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, mon
     assert torch.equal(decoders["fused"].session.lengths, decoders["reference"].session.lengths)
 
 
-@pytest.mark.parametrize("row_programs,mixer", [(True, "mamba2"), (False, "mamba2"), (True, "mamba1")],
-                         ids=["row-programs", "rows-walked-in-one-program", "mamba1-row-programs"])
-def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, mixer, monkeypatch):
+@pytest.mark.parametrize("row_programs,mixer,tiles", [(True, "mamba2", False), (False, "mamba2", False),
+                                                      (True, "mamba1", False), (True, "mamba2", True)],
+                         ids=["row-programs", "rows-walked-in-one-program", "mamba1-row-programs",
+                              "key-tiles-read-back"])
+def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, mixer, tiles, monkeypatch):
     """A block of T tokens gives each token exactly the logits T one-token steps give, whether a
-    block's rows get their own GEMV programs or one program walks them (as for a large head).
-    On a GPU that equality keeps greedy speculation lossless (a different summation order would flip
-    near-ties); under the interpreter it checks the block path's row indexing and per-row code."""
+    block's rows get their own GEMV programs or one program walks them (as for a large head), and
+    with splits of two key tiles whose first is read back after the cache write (``tiles``: the
+    rows' blocks cross the tile boundary at slot 8, so a block reads that tile back while the later
+    steps read it before their wait). On a GPU that equality keeps greedy speculation lossless (a
+    different summation order would flip near-ties); under the interpreter it checks the block
+    path's row indexing and per-row code."""
     from pipeline.ops import fused_decode
 
     if not row_programs:
         monkeypatch.setattr(fused_decode, "ROW_PROGRAMS_MAX_BYTES", 0)
+    if tiles:
+        monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", 8)
+        monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD_TILE", 8)
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5, mixer)
     block_session, step_session = (DecodeSession(model, 2, 32, max_block=4, kernels="fused") for _ in range(2))
+    if tiles:
+        for session in (block_session, step_session):
+            session._step.splits = (2, 16)
     tokens = prompts(2, 4, seed=5)
     with torch.no_grad():
         for session in (block_session, step_session):

@@ -741,7 +741,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, RELOAD: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -763,6 +763,9 @@ def _attention_kernel(
     cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
     slots = lo + tl.arange(0, BLOCK_L)
     earlier = (slots < tl.minimum(hi, pos0))[:, None]
+    if RELOAD:  # only a first tile that holds none of the block's slots is read before the wait
+        first_old = tl.minimum(lo + BLOCK_L, end) <= pos0
+        earlier = earlier & first_old
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
@@ -797,9 +800,10 @@ def _attention_kernel(
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
-        here = ((slots == pos) & mine)[:, None]
-        keys = tl.where(here, k[None, :], keys)
-        values = tl.where(here, v[None, :], values)
+        if not RELOAD:
+            here = ((slots == pos) & mine)[:, None]
+            keys = tl.where(here, k[None, :], keys)
+            values = tl.where(here, v[None, :], values)
     tl.debug_barrier()  # later tiles are read back from the cache
 
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
@@ -808,8 +812,14 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
-    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
+    first_end = end
+    later_start = lo + BLOCK_L
+    if RELOAD:  # a first tile holding block slots is skipped here and read in the loop, from the cache
+        first_end = tl.where(first_old, end, lo)
+        later_start = tl.where(first_old, lo + BLOCK_L, lo)
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, first_end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
+                                 PRECISION)
+    for l0 in range(later_start, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
@@ -833,7 +843,7 @@ def _attention_kernel(
 @triton.jit
 def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
                               s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om,
-                              D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
+                              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
     if USE_PDL:
         gdc_launch_dependents()
         gdc_wait()
@@ -841,7 +851,7 @@ def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
     row = pid // HQ
     head = pid % HQ
     offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, D)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_s = offs_s < SPLITS
     ml = part_ml_ptr + offs_s * s_pml_s + row * s_pml_m + head * 2
     m = tl.load(ml, mask=mask_s, other=-1.0e30)
@@ -862,8 +872,10 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
+ATTENTION_RELOAD_TILE = 128  # tiles this large are not patched in registers (see _attention_kernel)
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-COMBINE_WARPS = 4  # one program per (row, query head) merges the splits
+COMBINE_WARPS = 4  # one program per (row, query head, piece of the head) merges the splits
+COMBINE_D_PIECES = 1
 
 
 def attention_splits(max_length: int) -> tuple[int, int]:
@@ -913,13 +925,14 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        RELOAD=_attention_tile(split_len) >= ATTENTION_RELOAD_TILE, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
-        _attention_combine_kernel[(qkv.shape[0] * num_heads,)](
+        block_d = max(1, d // COMBINE_D_PIECES)
+        _attention_combine_kernel[(qkv.shape[0] * num_heads, d // block_d)](
             part_acc, part_ml, out, num_heads, n_splits,
             part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
-            D=d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=COMBINE_WARPS,
+            D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=COMBINE_WARPS,
         )
     return out
 
