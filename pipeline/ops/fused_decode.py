@@ -763,7 +763,7 @@ def _attention_kernel(
     cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
     slots = lo + tl.arange(0, BLOCK_L)
     earlier = (slots < tl.minimum(hi, pos0))[:, None]
-    if RELOAD:  # only a first tile that holds none of the block's slots is read before the wait
+    if RELOAD == 1:  # only a first tile that holds none of the block's slots is read before the wait
         first_old = tl.minimum(lo + BLOCK_L, end) <= pos0
         earlier = earlier & first_old
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
@@ -800,11 +800,15 @@ def _attention_kernel(
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
-        if not RELOAD:
+        if RELOAD == 0:
             here = ((slots == pos) & mine)[:, None]
             keys = tl.where(here, k[None, :], keys)
             values = tl.where(here, v[None, :], values)
     tl.debug_barrier()  # later tiles are read back from the cache
+    if RELOAD == 2:  # the block's slots of the first tile are read back into it
+        block_slots = ((slots >= pos0) & (slots < end))[:, None]
+        keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
+        values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
 
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
     q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
@@ -814,7 +818,7 @@ def _attention_kernel(
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
     first_end = end
     later_start = lo + BLOCK_L
-    if RELOAD:  # a first tile holding block slots is skipped here and read in the loop, from the cache
+    if RELOAD == 1:  # a first tile holding block slots is skipped here and read in the loop, from the cache
         first_end = tl.where(first_old, end, lo)
         later_start = tl.where(first_old, lo + BLOCK_L, lo)
     m_i, l_i, acc = _attend_tile(q, keys, values, slots, first_end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
@@ -872,7 +876,8 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
-ATTENTION_RELOAD_TILE = 128  # tiles this large are not patched in registers (see _attention_kernel)
+ATTENTION_RELOAD_TILE = 128  # tiles this large are not patched in registers (see _attention_kernel) ...
+ATTENTION_RELOAD = 1  # ... but read back: 1 whole, in the loop; 2 only the block's slots, into the tile
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 COMBINE_WARPS = 4  # one program per (row, query head, piece of the head) merges the splits
 COMBINE_D_PIECES = 1
@@ -925,7 +930,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        RELOAD=_attention_tile(split_len) >= ATTENTION_RELOAD_TILE, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        RELOAD=ATTENTION_RELOAD if _attention_tile(split_len) >= ATTENTION_RELOAD_TILE else 0, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         block_d = max(1, d // COMBINE_D_PIECES)
