@@ -13,7 +13,7 @@ graphs of back-to-back calls, PDL on as in the step, over ``--layers`` distinct 
 Each row is µs per layer; ``--variant`` sets :mod:`pipeline.ops.fused_decode` attributes as in
 ``fused_variants.py``.
 
-    python benchmarks/attention_costs.py --keys 528,16400 --layers 1,15 --variant default --variant COMBINE_D_PIECES=4
+    python benchmarks/attention_costs.py --keys 528,16400 --layers 1,15 --variant default --variant "COMBINE_LONG=(2,4)"
 """
 
 from __future__ import annotations

@@ -147,16 +147,22 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
         assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("tile,reload", [(64, False), (8, False), (8, True)],
-                         ids=["one-tile-per-split", "two-tiles-per-split", "two-tiles-block-slots-read-back"])
-def test_fused_attention_over_several_key_splits(tile, reload, monkeypatch):
+@pytest.mark.parametrize("tile,reload,pieces", [(64, 0, 1), (8, 0, 1), (8, 1, 1), (8, 2, 4)],
+                         ids=["one-tile-per-split", "two-tiles-per-split", "two-tiles-block-slots-read-back",
+                              "block-slots-read-into-the-tile-merged-in-pieces"])
+def test_fused_attention_over_several_key_splits(tile, reload, pieces, monkeypatch):
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference. A
     split is one tile, or two tiles of 8 (as 16k keys take two of 128), the second read back from
-    the cache after the block's keys are written there; with ``reload`` (as tiles of 128 are) a
-    first tile that holds block slots is read back too instead of being patched in registers."""
+    the cache after the block's keys are written there. With ``reload`` (as tiles of 128 are) the
+    block's slots are not patched into the preloaded first tile in registers: 1 reads a first tile
+    that holds any of them back whole (in the loop over later tiles), 2 reads just those slots into
+    it. ``pieces``: each head's splits are merged by that many programs (as for many splits)."""
     from pipeline.ops import fused_decode
 
     monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD_TILE", tile if reload else 2 * tile)
+    monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD", reload or 1)
+    monkeypatch.setattr(fused_decode, "COMBINE_LONG", (pieces, 1))
+    monkeypatch.setattr(fused_decode, "COMBINE_LONG_MIN_SPLITS", 2 if pieces > 1 else 1000)
     monkeypatch.setattr(fused_decode, "KEYS_PER_SPLIT", min(tile, fused_decode.KEYS_PER_SPLIT))
     monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", min(tile, fused_decode.LONG_SPLIT_UNIT))
     assert fused_decode._attention_tile(16) == min(tile, 64)

@@ -879,8 +879,13 @@ LONG_SPLITS = 128  # ... and about this many of them
 ATTENTION_RELOAD_TILE = 128  # tiles this large are not patched in registers (see _attention_kernel) ...
 ATTENTION_RELOAD = 1  # ... but read back: 1 whole, in the loop; 2 only the block's slots, into the tile
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-COMBINE_WARPS = 4  # one program per (row, query head, piece of the head) merges the splits
-COMBINE_D_PIECES = 1
+# The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
+# COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
+# programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
+# p16k: 423.9 -> 418.8 us a captured step with 4 pieces of one warp; p4096: 379.4 -> 375.9 with 4 of 4).
+COMBINE = (1, 4)
+COMBINE_LONG = (4, 1)
+COMBINE_LONG_MIN_SPLITS = 32
 
 
 def attention_splits(max_length: int) -> tuple[int, int]:
@@ -933,11 +938,12 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         RELOAD=ATTENTION_RELOAD if _attention_tile(split_len) >= ATTENTION_RELOAD_TILE else 0, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
-        block_d = max(1, d // COMBINE_D_PIECES)
+        pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
+        block_d = max(1, d // pieces)
         _attention_combine_kernel[(qkv.shape[0] * num_heads, d // block_d)](
             part_acc, part_ml, out, num_heads, n_splits,
             part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1), out.stride(0),
-            D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=COMBINE_WARPS,
+            D=d, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(n_splits), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
         )
     return out
 
