@@ -147,20 +147,15 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
         assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("tile,reload,pieces", [(64, 0, 1), (8, 0, 1), (8, 1, 1), (8, 2, 4)],
-                         ids=["one-tile-per-split", "two-tiles-per-split", "two-tiles-block-slots-read-back",
-                              "block-slots-read-into-the-tile-merged-in-pieces"])
-def test_fused_attention_over_several_key_splits(tile, reload, pieces, monkeypatch):
+@pytest.mark.parametrize("tile,pieces", [(64, 1), (8, 1), (8, 4)],
+                         ids=["one-tile-per-split", "two-tiles-per-split", "merged-in-pieces"])
+def test_fused_attention_over_several_key_splits(tile, pieces, monkeypatch):
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference. A
-    split is one tile, or two tiles of 8 (as 16k keys take two of 128), the second read back from
-    the cache after the block's keys are written there. With ``reload`` (as tiles of 128 are) the
-    block's slots are not patched into the preloaded first tile in registers: 1 reads a first tile
-    that holds any of them back whole (in the loop over later tiles), 2 reads just those slots into
-    it. ``pieces``: each head's splits are merged by that many programs (as for many splits)."""
+    split is one tile, or two tiles of 8 (as 16k keys take two of 128); the block's slots are read
+    back from the cache after they are written, into the preloaded first tile and in later ones.
+    ``pieces``: each head's splits are merged by that many programs (as for many splits)."""
     from pipeline.ops import fused_decode
 
-    monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD_TILE", tile if reload else 2 * tile)
-    monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD", reload or 1)
     monkeypatch.setattr(fused_decode, "COMBINE_LONG", (pieces, 1))
     monkeypatch.setattr(fused_decode, "COMBINE_LONG_MIN_SPLITS", 2 if pieces > 1 else 1000)
     monkeypatch.setattr(fused_decode, "KEYS_PER_SPLIT", min(tile, fused_decode.KEYS_PER_SPLIT))
@@ -242,13 +237,13 @@ def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, mon
 @pytest.mark.parametrize("row_programs,mixer,tiles", [(True, "mamba2", False), (False, "mamba2", False),
                                                       (True, "mamba1", False), (True, "mamba2", True)],
                          ids=["row-programs", "rows-walked-in-one-program", "mamba1-row-programs",
-                              "key-tiles-read-back"])
+                              "two-key-tiles"])
 def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, mixer, tiles, monkeypatch):
     """A block of T tokens gives each token exactly the logits T one-token steps give, whether a
     block's rows get their own GEMV programs or one program walks them (as for a large head), and
-    with splits of two key tiles whose first is read back after the cache write (``tiles``: the
-    rows' blocks cross the tile boundary at slot 8, so a block reads that tile back while the later
-    steps read it before their wait). On a GPU that equality keeps greedy speculation lossless (a
+    with splits of two key tiles (``tiles``: the rows' blocks cross the tile boundary at slot 8, so a
+    block reads its slots of the first tile back into it while the later steps read them with the
+    rest of the tile before their wait). On a GPU that equality keeps greedy speculation lossless (a
     different summation order would flip near-ties); under the interpreter it checks the block
     path's row indexing and per-row code."""
     from pipeline.ops import fused_decode
@@ -257,7 +252,6 @@ def test_fused_block_logits_equal_plain_steps_bit_for_bit(row_programs, mixer, t
         monkeypatch.setattr(fused_decode, "ROW_PROGRAMS_MAX_BYTES", 0)
     if tiles:
         monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", 8)
-        monkeypatch.setattr(fused_decode, "ATTENTION_RELOAD_TILE", 8)
     model = hybrid(teacher(0, num_hidden_layers=2), 0.5, mixer)
     block_session, step_session = (DecodeSession(model, 2, 32, max_block=4, kernels="fused") for _ in range(2))
     if tiles:

@@ -741,7 +741,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, RELOAD: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -755,7 +755,7 @@ def _attention_kernel(
     inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2)).to(tl.float32)
     # Before the wait: the lengths (set before the forward began) and this split's first tile of
     # keys and values written by earlier forwards (positions before the block), so that only the
-    # block's q/k/v are read after it. The block's own slots are filled in from registers below.
+    # block's q/k/v are read after it. The block's own slots are read into the tile below.
     pos0 = tl.load(lengths_ptr + b)
     lo = split * SPLIT_LEN
     hi = lo + SPLIT_LEN
@@ -763,9 +763,6 @@ def _attention_kernel(
     cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
     slots = lo + tl.arange(0, BLOCK_L)
     earlier = (slots < tl.minimum(hi, pos0))[:, None]
-    if RELOAD == 1:  # only a first tile that holds none of the block's slots is read before the wait
-        first_old = tl.minimum(lo + BLOCK_L, end) <= pos0
-        earlier = earlier & first_old
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
@@ -788,7 +785,7 @@ def _attention_kernel(
     q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
 
-    # the block's keys (rotated) and values go into the cache slots of this split, and into the tile
+    # the block's keys (rotated) and values go into the cache slots of this split
     for t in tl.static_range(T):
         pos = pos0 + t
         mine = (pos >= lo) & (pos < hi)
@@ -800,15 +797,14 @@ def _attention_kernel(
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
-        if RELOAD == 0:
-            here = ((slots == pos) & mine)[:, None]
-            keys = tl.where(here, k[None, :], keys)
-            values = tl.where(here, v[None, :], values)
-    tl.debug_barrier()  # later tiles are read back from the cache
-    if RELOAD == 2:  # the block's slots of the first tile are read back into it
-        block_slots = ((slots >= pos0) & (slots < end))[:, None]
-        keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
-        values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
+    tl.debug_barrier()  # the block's slots are read back from the cache: into the first tile, and in later ones
+    # A masked load onto the tile, not tl.where(slot == pos, k, tile) per token: that patch raised the
+    # registers a thread and slowed the step (H100, 50% hybrid, captured step: p4096 375.6 -> 347.8 us,
+    # p16k 418.9 -> 414.0; benchmarks/fused_variants.py). Either way the tile's values are the same,
+    # so a block's rows and one-token steps still agree bit for bit.
+    block_slots = ((slots >= pos0) & (slots < end))[:, None]
+    keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
+    values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
 
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
     q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
@@ -816,14 +812,8 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    first_end = end
-    later_start = lo + BLOCK_L
-    if RELOAD == 1:  # a first tile holding block slots is skipped here and read in the loop, from the cache
-        first_end = tl.where(first_old, end, lo)
-        later_start = tl.where(first_old, lo + BLOCK_L, lo)
-    m_i, l_i, acc = _attend_tile(q, keys, values, slots, first_end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                 PRECISION)
-    for l0 in range(later_start, end, BLOCK_L):
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
@@ -876,8 +866,6 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
-ATTENTION_RELOAD_TILE = 128  # tiles this large are not patched in registers (see _attention_kernel) ...
-ATTENTION_RELOAD = 1  # ... but read back: 1 whole, in the loop; 2 only the block's slots, into the tile
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
@@ -935,7 +923,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        RELOAD=ATTENTION_RELOAD if _attention_tile(split_len) >= ATTENTION_RELOAD_TILE else 0, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
