@@ -147,18 +147,16 @@ def test_fused_mamba1_mixer_with_biases_and_narrow_widths():
         assert _rel(fused.cache.conv_state(i), ref.cache.conv_state(i)) < 1e-5, i
 
 
-@pytest.mark.parametrize("tile,pieces,preload_two", [(64, 1, False), (8, 1, False), (8, 4, False), (8, 1, True)],
-                         ids=["one-tile-per-split", "two-tiles-per-split", "merged-in-pieces", "two-tiles-preloaded"])
-def test_fused_attention_over_several_key_splits(tile, pieces, preload_two, monkeypatch):
+@pytest.mark.parametrize("tile,pieces", [(64, 1), (8, 1), (8, 4)],
+                         ids=["one-tile-per-split", "two-tiles-per-split", "merged-in-pieces"])
+def test_fused_attention_over_several_key_splits(tile, pieces, monkeypatch):
     """Flash-decoding path: keys split into 3 ranges of 16 slots, merged; logits = reference. A
     split is one tile, or two tiles of 8 (as 16k keys take two of 128); the block's slots are read
-    back from the cache after they are written, into the preloaded first tile (and second, with
-    ``preload_two``) and in later ones. ``pieces``: each head's splits are merged by that many
-    programs (as for many splits)."""
+    back from the cache after they are written, into the preloaded first tile and in later ones.
+    ``pieces``: each head's splits are merged by that many programs (as for many splits)."""
     from pipeline.ops import fused_decode
 
     monkeypatch.setattr(fused_decode, "COMBINE_LONG", (pieces, 1))
-    monkeypatch.setattr(fused_decode, "ATTENTION_PRELOAD_TWO", preload_two)
     monkeypatch.setattr(fused_decode, "COMBINE_LONG_MIN_SPLITS", 2 if pieces > 1 else 1000)
     monkeypatch.setattr(fused_decode, "KEYS_PER_SPLIT", min(tile, fused_decode.KEYS_PER_SPLIT))
     monkeypatch.setattr(fused_decode, "LONG_SPLIT_UNIT", min(tile, fused_decode.LONG_SPLIT_UNIT))

@@ -741,7 +741,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, PRELOAD2: tl.constexpr, USE_PDL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -766,12 +766,6 @@ def _attention_kernel(
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
-    if PRELOAD2:  # the split's second tile too
-        slots2 = slots + BLOCK_L
-        tile_ptrs2 = tile_ptrs + BLOCK_L * s_cl
-        earlier2 = (slots2 < tl.minimum(hi, pos0))[:, None]
-        keys2 = tl.load(k_cache_ptr + tile_ptrs2, mask=earlier2, other=0.0)
-        values2 = tl.load(v_cache_ptr + tile_ptrs2, mask=earlier2, other=0.0)
     # The rotary factors depend on positions only: of the block's first key, and of every query row
     # (row r = i * T + t is query head kvh * REP + i at token t). Computed here, their sines and
     # cosines leave the path after the wait (H100, captured teacher step at p512: 449 -> 389 us).
@@ -811,10 +805,6 @@ def _attention_kernel(
     block_slots = ((slots >= pos0) & (slots < end))[:, None]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
-    if PRELOAD2:
-        block_slots2 = ((slots2 >= pos0) & (slots2 < end))[:, None]
-        keys2 = tl.load(k_cache_ptr + tile_ptrs2, mask=block_slots2, other=keys2)
-        values2 = tl.load(v_cache_ptr + tile_ptrs2, mask=block_slots2, other=values2)
 
     q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
     q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
@@ -823,12 +813,7 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
     m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
-    later_start = lo + BLOCK_L
-    if PRELOAD2:
-        m_i, l_i, acc = _attend_tile(q, keys2, values2, slots2, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION)
-        later_start += BLOCK_L
-    for l0 in range(later_start, end, BLOCK_L):
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
@@ -881,7 +866,6 @@ KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
-ATTENTION_PRELOAD_TWO = False  # a split of two or more tiles reads its first two before the wait
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
@@ -939,7 +923,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        PRELOAD2=ATTENTION_PRELOAD_TWO and split_len > _attention_tile(split_len), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
