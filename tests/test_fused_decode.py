@@ -212,11 +212,12 @@ def test_fused_greedy_generation_equals_reference():
     assert spec.stats.acceptance_rate == 1.0
 
 
-@pytest.mark.parametrize("argmax_block", [None, 32], ids=["one-chunk", "chunks-with-a-partial-last"])
+@pytest.mark.parametrize("argmax_block", [None, 32], ids=["one-program", "programs-with-a-partial-last"])
 def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, monkeypatch):
     """The plain greedy loop's one-kernel bookkeeping (commit, argmax, record, EOS): with an EOS that
     stops one row mid-way, tokens, counts and the cache lengths equal the reference loop's. With
-    32-logit chunks the vocabulary of 97 takes three full chunks and a partial one."""
+    32 logits a program the vocabulary of 97 takes three full programs and a partial one per row,
+    merged by whichever arrives last."""
     from pipeline.ops import fused_decode
 
     if argmax_block is not None:
@@ -232,6 +233,36 @@ def test_fused_greedy_bookkeeping_kernel_equals_the_torch_loop(argmax_block, mon
     assert int(outs["fused"].num_tokens[1]) == list(free[1]).index(eos) + 1 < 9
     assert (outs["fused"].tokens[1, 4:] == 7).all()
     assert torch.equal(decoders["fused"].session.lengths, decoders["reference"].session.lengths)
+
+
+def test_fused_greedy_advance_merges_program_shares_like_torch_argmax(monkeypatch):
+    """Across programs of 16 logits, the first index among equal maxima wins (a tie between two
+    programs, listed last-first), NaN is never chosen, and an all -inf row takes index 0, as
+    torch.argmax does for finite rows; the arrival counters are back at zero afterwards."""
+    from pipeline.ops import fused_decode
+
+    monkeypatch.setattr(fused_decode, "ARGMAX_BLOCK", 16)
+    b, v = 3, 100
+    logits = torch.randn(b, v, generator=torch.Generator().manual_seed(0))
+    logits[0, 70] = logits[0, 21] = 9.0
+    logits[0, 5] = float("nan")
+    logits[1, 99] = 7.0
+    logits[2] = float("-inf")
+    state = dict(lengths=torch.tensor([4, 5, 6]), replay=torch.zeros(b, dtype=torch.long),
+                 token=torch.zeros(b, dtype=torch.long), column=torch.zeros(b, 1, dtype=torch.long),
+                 tokens=torch.zeros(b, 8, dtype=torch.long), counts=torch.zeros(b, dtype=torch.long),
+                 finished=torch.tensor([False, False, True]))
+    scratch = fused_decode.argmax_scratch(b, v, "cpu")
+    for _ in range(2):  # the counters reset, so a second call merges again
+        fused_decode.greedy_advance(logits, *state.values(), torch.tensor([99]), 7, scratch)
+    assert state["token"].tolist() == [21, 99, 0]
+    # row 1 chose the EOS id at the first call, so the second records the pad and commits nothing
+    assert state["tokens"][:, 1:3].tolist() == [[21, 21], [99, 7], [7, 7]]
+    assert state["lengths"].tolist() == [6, 6, 6] and state["counts"].tolist() == [2, 1, 0]
+    assert state["finished"].tolist() == [False, True, True]
+    assert not scratch[-b:].any()
+    with pytest.raises(ValueError, match="argmax_scratch"):
+        fused_decode.greedy_advance(logits, *state.values(), torch.tensor([99]), 7, scratch[:-1])
 
 
 @pytest.mark.parametrize("row_programs,mixer,tiles", [(True, "mamba2", False), (False, "mamba2", False),

@@ -293,7 +293,9 @@ class PlainDecoder:
         token, tokens, counts, finished, column = state.values()
         fused_advance = None
         if session.kernels == "fused":
-            from pipeline.ops.fused_decode import greedy_advance as fused_advance  # Triton: only when asked for
+            from pipeline.ops.fused_decode import argmax_scratch, greedy_advance as fused_advance  # Triton: only when asked for
+
+            scratch = argmax_scratch(b, session.model.lm_head.weight.shape[0], device)  # the logits' width
 
         def record():
             live = ~finished
@@ -306,7 +308,7 @@ class PlainDecoder:
             if fused_advance is not None:
                 cache = session.cache
                 fused_advance(logits, cache.lengths, cache.replay, token, column, tokens, counts, finished, eos,
-                              pad_token_id)
+                              pad_token_id, scratch)
                 return
             session.cache.commit((~finished).long())
             token.copy_(logits.argmax(-1))

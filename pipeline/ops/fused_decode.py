@@ -942,59 +942,82 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
 @triton.jit
 def _greedy_advance_kernel(
     logits_ptr, s_lm, V, lengths_ptr, replay_ptr, token_ptr, column_ptr, tokens_ptr, s_tm, counts_ptr, finished_ptr,
-    eos_ptr, N_EOS, pad, V_CHUNKS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr,
+    eos_ptr, N_EOS, pad, part_val_ptr, part_at_ptr, arrived_ptr,
+    PROGRAMS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
         gdc_wait()  # the logits come from the kernel before
-    r = tl.program_id(0)
-    done = tl.load(finished_ptr + r) != 0
-    keep = 1 - done.to(tl.int64)  # the step just run counts for live rows only
-    tl.store(lengths_ptr + r, tl.load(lengths_ptr + r) + keep)
-    tl.store(replay_ptr + r, keep)
-    # argmax, the first index among equal maxima (as torch.argmax): a running max per lane, one reduction;
-    # the chunks are unrolled so that all their loads are in flight at once
-    offs = tl.arange(0, BLOCK_V)
-    best = tl.full([BLOCK_V], float("-inf"), dtype=tl.float32)
-    best_at = tl.zeros([BLOCK_V], dtype=tl.int32)
-    for c in tl.static_range(V_CHUNKS):
-        v0 = c * BLOCK_V
-        x = tl.load(logits_ptr + r * s_lm + v0 + offs, mask=v0 + offs < V, other=float("-inf")).to(tl.float32)
-        better = x > best
-        best = tl.where(better, x, best)
-        best_at = tl.where(better, v0 + offs, best_at)
-    top = tl.max(best, axis=0)
-    token = tl.min(tl.where(best == top, best_at, V), axis=0).to(tl.int64)
-    tl.store(token_ptr + r, token)
-    # record it: the row's next column, the pad for finished rows; an EOS finishes the row
-    column = tl.load(column_ptr + r) + 1
-    tl.store(column_ptr + r, column)
-    tl.store(tokens_ptr + r * s_tm + column, tl.where(done, pad, token))
-    tl.store(counts_ptr + r, tl.load(counts_ptr + r) + keep)
-    offs_e = tl.arange(0, BLOCK_E)
-    eos = tl.load(eos_ptr + offs_e, mask=offs_e < N_EOS, other=-1)
-    hit = tl.sum((eos == token).to(tl.int32), axis=0) > 0
-    tl.store(finished_ptr + r, (done | hit).to(tl.uint8))
+    c = tl.program_id(0)
+    r = tl.program_id(1)
+    # this program's share of the row's argmax: its maximum and the first index holding it (as
+    # torch.argmax, whose first-index rule makes the merge below independent of arrival order)
+    offs = c * BLOCK_V + tl.arange(0, BLOCK_V)
+    x = tl.load(logits_ptr + r * s_lm + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+    x = tl.where(x == x, x, float("-inf"))  # NaN is never chosen
+    top = tl.max(x, axis=0)
+    tl.store(part_val_ptr + r * PROGRAMS + c, top)
+    tl.store(part_at_ptr + r * PROGRAMS + c, tl.min(tl.where(x == top, offs, V), axis=0))
+    tl.debug_barrier()  # every warp's stores are issued before the arrival below releases them
+    arrived = tl.atomic_add(arrived_ptr + r, 1, sem="acq_rel", scope="gpu")
+    if arrived == PROGRAMS - 1:  # the row's last program merges the shares and does the bookkeeping
+        tl.store(arrived_ptr + r, 0)  # for the next step (every kernel of this one finishes first)
+        offs_p = tl.arange(0, BLOCK_P)
+        vals = tl.load(part_val_ptr + r * PROGRAMS + offs_p, mask=offs_p < PROGRAMS, other=float("-inf"),
+                       cache_modifier=".cg")
+        ats = tl.load(part_at_ptr + r * PROGRAMS + offs_p, mask=offs_p < PROGRAMS, other=V, cache_modifier=".cg")
+        best = tl.max(vals, axis=0)
+        token = tl.min(tl.where(vals == best, ats, V), axis=0).to(tl.int64)
+        done = tl.load(finished_ptr + r) != 0
+        keep = 1 - done.to(tl.int64)  # the step just run counts for live rows only
+        tl.store(lengths_ptr + r, tl.load(lengths_ptr + r) + keep)
+        tl.store(replay_ptr + r, keep)
+        tl.store(token_ptr + r, token)
+        # record it: the row's next column, the pad for finished rows; an EOS finishes the row
+        column = tl.load(column_ptr + r) + 1
+        tl.store(column_ptr + r, column)
+        tl.store(tokens_ptr + r * s_tm + column, tl.where(done, pad, token))
+        tl.store(counts_ptr + r, tl.load(counts_ptr + r) + keep)
+        offs_e = tl.arange(0, BLOCK_E)
+        eos = tl.load(eos_ptr + offs_e, mask=offs_e < N_EOS, other=-1)
+        hit = tl.sum((eos == token).to(tl.int32), axis=0) > 0
+        tl.store(finished_ptr + r, (done | hit).to(tl.uint8))
 
 
-ARGMAX_BLOCK = 8192  # logits per chunk of greedy_advance's argmax (one program per row)
-ARGMAX_WARPS = 8
+# greedy_advance's argmax: programs of ARGMAX_BLOCK logits per row, merged by the row's last one.
+# One program per row over all 49,152 logits (before) read 192 KB on one SM after the head.
+ARGMAX_BLOCK = 1024
+ARGMAX_WARPS = 4
+
+
+def argmax_scratch(batch: int, vocab: int, device) -> torch.Tensor:
+    """The scratch :func:`greedy_advance` needs for rows of ``vocab`` logits: per row, the programs'
+    maxima and their indices, and an arrival counter (zero between calls). Allocate it once, outside
+    any CUDA graph capture, and pass the same tensor to every call."""
+    programs = triton.cdiv(vocab, min(ARGMAX_BLOCK, triton.next_power_of_2(vocab)))
+    return torch.zeros(batch * (2 * programs + 1), dtype=torch.int32, device=device)
 
 
 def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, replay: torch.Tensor, token: torch.Tensor,
                    column: torch.Tensor, tokens: torch.Tensor, counts: torch.Tensor, finished: torch.Tensor,
-                   eos: torch.Tensor, pad: int) -> None:
+                   eos: torch.Tensor, pad: int, scratch: torch.Tensor) -> None:
     """After a one-token step, in one launch instead of about fifteen small ones: commit the step for
     live rows (``lengths += keep``, ``replay = keep``, as :meth:`StaticHybridCache.commit`), take
     each row's argmax of ``logits`` (b, V) into ``token``, advance ``column`` (b, 1) and write the
     token there in ``tokens`` (the pad for finished rows), count it, and finish rows that chose an
-    EOS id. NaN logits are never chosen (torch.argmax would choose them).
+    EOS id. NaN logits are never chosen (torch.argmax would choose them). ``scratch`` comes from
+    :func:`argmax_scratch` for this batch and vocabulary.
     """
     b, v = logits.shape
     block_v = min(ARGMAX_BLOCK, triton.next_power_of_2(v))
-    _greedy_advance_kernel[(b,)](
+    programs = triton.cdiv(v, block_v)
+    if tuple(scratch.shape) != (b * (2 * programs + 1),) or scratch.dtype != torch.int32:
+        raise ValueError(f"scratch {tuple(scratch.shape)} does not fit {b} rows of {v} logits: use argmax_scratch")
+    shares = b * programs  # [maxima (b, programs) | their indices (b, programs) | arrivals (b)]
+    part_val, part_at, arrived = scratch[:shares].view(torch.float32), scratch[shares:2 * shares], scratch[2 * shares:]
+    _greedy_advance_kernel[(programs, b)](
         logits, logits.stride(0), v, lengths, replay, token, column, tokens, tokens.stride(0), counts,
-        finished.view(torch.uint8), eos, eos.numel(), pad,
-        V_CHUNKS=triton.cdiv(v, block_v), BLOCK_V=block_v, BLOCK_E=triton.next_power_of_2(eos.numel()),
-        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ARGMAX_WARPS,
+        finished.view(torch.uint8), eos, eos.numel(), pad, part_val, part_at, arrived,
+        PROGRAMS=programs, BLOCK_V=block_v, BLOCK_P=triton.next_power_of_2(programs),
+        BLOCK_E=triton.next_power_of_2(eos.numel()), USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ARGMAX_WARPS,
     )
