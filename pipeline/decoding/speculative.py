@@ -209,7 +209,7 @@ class PlainDecoder:
 
     def __init__(self, model, batch_size: int, max_length: int, **session_kwargs):
         self.session = DecodeSession(model, batch_size, max_length, max_block=1, **session_kwargs)
-        self._loop = None  # (key, graph, static tensors, record) of the graphed greedy loop
+        self._loop = None  # (key, graph, static tensors, record, check) of the graphed greedy loop
 
     @torch.inference_mode()
     def generate(
@@ -264,14 +264,16 @@ class PlainDecoder:
         """
         key = (tuple(eos.tolist()), pad_token_id)
         if self._loop is None or self._loop[0] != key:
-            self._loop = (key, *self._capture_loop(token, eos, pad_token_id))
-        _, graph, state, record = self._loop
+            graph, state, record = self._capture_loop(token, eos, pad_token_id)
+            # its pinned flags are allocated once: cudaHostAlloc in every call cost a step's time
+            self._loop = (key, graph, state, record, _LaggedCheck(state["finished"], self.session.use_graphs))
+        _, graph, state, record, done = self._loop
         state["token"].copy_(token)
         state["tokens"].fill_(pad_token_id)
         for name in ("counts", "finished", "column"):
             state[name].zero_()
         record()  # the prefill's token; each replay records the token it chooses
-        done = _LaggedCheck(state["finished"], self.session.use_graphs)
+        done.restart()
         sync_every = sync_every if self.session.use_graphs else 1  # eager: checking costs nothing, steps do
         for step in range(max_new_tokens - 1):
             graph.replay()
@@ -339,6 +341,10 @@ class _LaggedCheck:
         cuda = finished.device.type == "cuda"
         self.flags = [torch.zeros((), dtype=torch.bool, pin_memory=cuda) for _ in range(2)]
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.calls = 0
+
+    def restart(self) -> None:
+        """Forget earlier checks (a new decoding call): the next call answers False without waiting."""
         self.calls = 0
 
     def __call__(self) -> bool:

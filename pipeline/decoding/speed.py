@@ -179,6 +179,9 @@ def measure_plain(model, ids: torch.Tensor, settings: SpeedSettings) -> dict[str
     ids = ids.to(device)
     _reset_peak_memory(device)
     rate, result = decode_rate(lambda n: decoder.generate(ids, max_new_tokens=n), settings.new_tokens, device, settings.repeats)
+    if int(result.num_tokens.min()) != settings.new_tokens:  # EOS is off: a shorter row means the loop stopped early
+        raise RuntimeError(f"plain decoding produced {result.num_tokens.tolist()} tokens, not {settings.new_tokens} a row: "
+                           "the rate would count tokens that were never made")
     return {"tokens_per_s": rate * batch, "tokens_per_s_per_row": rate, "peak_memory_mb": _peak_memory_mb(device),
             "distinct_token_fraction": distinct_fraction(result)}
 
