@@ -797,7 +797,7 @@ def _attention_kernel(
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
-    tl.debug_barrier()  # the block's slots are read back from the cache: into the first tile, and in later ones
+    tl.debug_barrier()  # the block's slots are read back from the cache, into the first tile and in later ones
     # A masked load onto the tile, not tl.where(slot == pos, k, tile) per token: that patch raised the
     # registers a thread and slowed the step (H100, 50% hybrid, captured step: p4096 375.6 -> 347.8 us,
     # p16k 418.9 -> 414.0; benchmarks/fused_variants.py). Either way the tile's values are the same,
