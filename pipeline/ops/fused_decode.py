@@ -710,10 +710,9 @@ def _rope_factors(pos, inv_freq, rope_scale, dtype):
 
 
 @triton.jit
-def _rotate(ptr, offs_d, cos, sin, dtype, D: tl.constexpr):
-    """Rotary embedding of one head vector, rounded like ``q * cos + rotate_half(q) * sin``."""
-    v = tl.load(ptr + offs_d).to(tl.float32)
-    partner = tl.load(ptr + (offs_d + D // 2) % D).to(tl.float32)
+def _rotate(v, partner, offs_d, cos, sin, dtype, D: tl.constexpr):
+    """Rotary embedding of head vectors ``v`` (last axis ``offs_d``), given each element's partner
+    ``v[(d + D/2) % D]`` (fp32), rounded like ``q * cos + rotate_half(q) * sin``."""
     partner = tl.where(offs_d < D // 2, -partner, partner)
     return ((v * cos).to(dtype).to(tl.float32) + (partner * sin).to(dtype).to(tl.float32)).to(dtype)
 
@@ -793,7 +792,9 @@ def _attention_kernel(
         cos, sin = cos0, sin0
         if t > 0:
             cos, sin = _rope_factors(pos, inv_freq, rope_scale, dtype)
-        k = _rotate(row_ptr + (hq + kvh) * D, offs_d, cos, sin, dtype, D)
+        k_ptr = row_ptr + (hq + kvh) * D
+        k = _rotate(tl.load(k_ptr + offs_d).to(tl.float32), tl.load(k_ptr + (offs_d + D // 2) % D).to(tl.float32),
+                    offs_d, cos, sin, dtype, D)
         v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
         tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
         tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
@@ -806,8 +807,7 @@ def _attention_kernel(
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
 
-    q_partner = tl.where((offs_d < D // 2)[None, :], -q_partner, q_partner)
-    q = ((q * cos_r).to(dtype).to(tl.float32) + (q_partner * sin_r).to(dtype).to(tl.float32)).to(dtype)
+    q = _rotate(q, q_partner, offs_d, cos_r, sin_r, dtype, D)
 
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
@@ -990,11 +990,17 @@ ARGMAX_BLOCK = 1024
 ARGMAX_WARPS = 4
 
 
+def _argmax_programs(vocab: int) -> tuple[int, int]:
+    """(logits per program, programs per row) of greedy_advance's argmax."""
+    block_v = min(ARGMAX_BLOCK, triton.next_power_of_2(vocab))
+    return block_v, triton.cdiv(vocab, block_v)
+
+
 def argmax_scratch(batch: int, vocab: int, device) -> torch.Tensor:
     """The scratch :func:`greedy_advance` needs for rows of ``vocab`` logits: per row, the programs'
     maxima and their indices, and an arrival counter (zero between calls). Allocate it once, outside
     any CUDA graph capture, and pass the same tensor to every call."""
-    programs = triton.cdiv(vocab, min(ARGMAX_BLOCK, triton.next_power_of_2(vocab)))
+    programs = _argmax_programs(vocab)[1]
     return torch.zeros(batch * (2 * programs + 1), dtype=torch.int32, device=device)
 
 
@@ -1009,8 +1015,7 @@ def greedy_advance(logits: torch.Tensor, lengths: torch.Tensor, replay: torch.Te
     :func:`argmax_scratch` for this batch and vocabulary.
     """
     b, v = logits.shape
-    block_v = min(ARGMAX_BLOCK, triton.next_power_of_2(v))
-    programs = triton.cdiv(v, block_v)
+    block_v, programs = _argmax_programs(v)
     if tuple(scratch.shape) != (b * (2 * programs + 1),) or scratch.dtype != torch.int32:
         raise ValueError(f"scratch {tuple(scratch.shape)} does not fit {b} rows of {v} logits: use argmax_scratch")
     shares = b * programs  # [maxima (b, programs) | their indices (b, programs) | arrivals (b)]
