@@ -21,10 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_parity import at_ratio, smollm2_like  # noqa: E402
 from benchmarks.fused_profile import timed  # noqa: E402
 from pipeline.decoding.speculative import PlainDecoder  # noqa: E402
-from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 
 
 def main() -> int:
@@ -35,7 +34,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
-    model = teacher if args.ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, args.ratio)).eval()
+    model = at_ratio(teacher, args.ratio)
     counts = [int(n) for n in args.tokens.split(",")]
     prompt = torch.randint(1, teacher.config.vocab_size, (1, args.prompt), device="cuda")
     decoder = PlainDecoder(model, 1, args.prompt + max(counts) + 600, kernels="fused")

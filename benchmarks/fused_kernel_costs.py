@@ -27,11 +27,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_parity import at_ratio, smollm2_like  # noqa: E402
 from benchmarks.fused_profile import captured, timed  # noqa: E402
 from benchmarks.fused_variants import parse_variant  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
-from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
 RECORDED = ("norm_linear", "linear_residual", "mamba2_mixer", "mamba1_mixer", "attention")
@@ -94,8 +93,7 @@ def main() -> int:
     for spec, ratio in ((v, float(r)) for v in args.variant or ["default"] for r in args.ratios.split(",")):
         for name, value in {**defaults, **parse_variant(spec)}.items():
             setattr(fused_decode, name, value)
-        model = teacher if ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, ratio),
-                                                        mixer_type=args.mixer).eval()
+        model = at_ratio(teacher, ratio, args.mixer)
         for length in (int(p) for p in args.prompts.split(",")):
             prompt = torch.randint(0, 49152, (length,), device="cuda")
             session = DecodeSession(model, 1, length + 16, kernels="fused")

@@ -52,6 +52,14 @@ def smollm2_like(layers: int, device: str, quick: bool) -> LlamaForCausalLM:
     return model
 
 
+def at_ratio(teacher, ratio: float, mixer_type: str = "mamba2"):
+    """``teacher`` itself at ratio 0, else its hybrid with that share of its layers as Mamba (eval mode)."""
+    if ratio == 0:
+        return teacher
+    n = teacher.config.num_hidden_layers
+    return build_hybrid(teacher, attention_layers_for_ratio(n, ratio), mixer_type=mixer_type).eval()
+
+
 def real_teacher(source: str, device: str):
     """A teacher loaded the way the pipeline imports it (a .gguf is dequantised), in fp32."""
     from transformers import AutoModelForCausalLM

@@ -25,11 +25,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-from benchmarks.fused_parity import smollm2_like  # noqa: E402
+from benchmarks.fused_parity import at_ratio, smollm2_like  # noqa: E402
 from benchmarks.fused_profile import timed  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.decoding.speculative import PlainDecoder  # noqa: E402
-from pipeline.models.builder import attention_layers_for_ratio, build_hybrid  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
 
@@ -83,7 +82,7 @@ def main() -> int:
     teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
     models = {}
     for ratio in (float(r) for r in args.ratios.split(",")):
-        models[f"{ratio:g}"] = teacher if ratio == 0 else build_hybrid(teacher, attention_layers_for_ratio(30, ratio)).eval()
+        models[f"{ratio:g}"] = at_ratio(teacher, ratio)
     rows = []
     print(f"{'label':<8} {'variant':<34} {'ratio':<6} {'prompt':>6} {'graph':>5} {'step us':>8} {'tok/s':>7}", flush=True)
     defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
