@@ -735,25 +735,12 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
 
 
 @triton.jit
-def _prefetch_rows(k_base, v_base, start, stop, fallback, s_cl, ROWS: tl.constexpr):
-    """Ask L2 for cache rows ``start … stop-1`` (at most ROWS) of keys and values, one line request a
-    row, without waiting for them (``prefetch.global.L2``); the other lanes ask for row ``fallback``."""
-    rows = start + tl.arange(0, ROWS)
-    at = tl.where(rows < stop, rows, fallback).to(tl.int64) * s_cl
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [k_base + at], dtype=tl.int32,
-                              is_pure=False, pack=1)
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [v_base + at], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, FIRST_TILE_LAST: tl.constexpr,
-    PREFETCH_L2: tl.constexpr, SPLIT_ROWS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -778,9 +765,6 @@ def _attention_kernel(
     tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
-    if PREFETCH_L2:
-        _prefetch_rows(k_cache_ptr + cache_base, v_cache_ptr + cache_base, lo + BLOCK_L, tl.minimum(hi, pos0), lo,
-                       s_cl, SPLIT_ROWS)
     # The rotary factors depend on positions only: of the block's first key, and of every query row
     # (row r = i * T + t is query head kvh * REP + i at token t). Computed here, their sines and
     # cosines leave the path after the wait (H100, captured teacher step at p512: 449 -> 389 us).
@@ -828,9 +812,7 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    if not FIRST_TILE_LAST:
-        m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION)
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
     for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
@@ -838,9 +820,6 @@ def _attention_kernel(
         later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
         m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
                                      HAS_WINDOW, PRECISION)
-    if FIRST_TILE_LAST:
-        m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -888,8 +867,6 @@ MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-ATTENTION_FIRST_TILE_LAST = False  # experiment: attend the preloaded first tile after the split's later tiles
-ATTENTION_PREFETCH_L2 = False  # experiment: ask L2 for a split's later tiles before the wait
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
@@ -933,7 +910,6 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
     n_splits, split_len = splits
-    tile = _attention_tile(split_len)
     out = torch.empty(qkv.shape[0], num_heads * d, device=qkv.device, dtype=qkv.dtype)
     if n_splits > 1:
         part_acc = torch.empty(n_splits, qkv.shape[0], num_heads * d, device=qkv.device, dtype=torch.float32)
@@ -945,11 +921,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=tile,
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), FIRST_TILE_LAST=ATTENTION_FIRST_TILE_LAST,
-        PREFETCH_L2=ATTENTION_PREFETCH_L2 and split_len > tile and os.environ.get("TRITON_INTERPRET") != "1",
-        SPLIT_ROWS=max(1, triton.next_power_of_2(split_len - tile)), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
