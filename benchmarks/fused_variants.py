@@ -55,6 +55,26 @@ def loop_step_us(model, prompt: torch.Tensor, replays: int) -> float:
     return timed(decoder._loop[1].replay, replays)[1]
 
 
+def prefer_shared_carveout(percent: int) -> None:
+    """Ask the driver to run every Triton kernel loaded from now on with ``percent`` of the SM's
+    L1/shared storage as shared memory (``CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT``): an
+    SM runs kernels of one split at a time, so kernels that want different splits cannot overlap."""
+    import ctypes
+
+    from triton.compiler import compiler
+
+    libcuda = ctypes.CDLL("libcuda.so.1")
+    load = compiler.CompiledKernel._init_handles
+
+    def init_handles(kernel):
+        first = kernel.module is None
+        load(kernel)
+        if first and libcuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), 9, percent) != 0:
+            raise RuntimeError(f"cuFuncSetAttribute(carveout={percent}) failed for {kernel.name}")
+
+    compiler.CompiledKernel._init_handles = init_handles
+
+
 def parse_variant(spec: str) -> dict:
     """``NAME=VALUE;…`` → {NAME: value}, each NAME an existing module attribute; ``default`` → {}."""
     if spec == "default":
@@ -76,9 +96,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=300, help="steps timed per setting")
     parser.add_argument("--per-graph", default="1", help="one-token steps captured per graph, comma separated")
     parser.add_argument("--loop", action="store_true", help="also time the greedy loop's graph (step + bookkeeping)")
+    parser.add_argument("--carveout", type=int, default=None, help="shared-memory carveout %% for every kernel")
     parser.add_argument("--label", default="")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.carveout is not None:
+        prefer_shared_carveout(args.carveout)
     teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
     models = {}
     for ratio in (float(r) for r in args.ratios.split(",")):
