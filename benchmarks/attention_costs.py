@@ -8,7 +8,8 @@ graphs of back-to-back calls, PDL on as in the step, over ``--layers`` distinct 
 
 * ``qkv``            — the norm + q/k/v projection alone (the kernel before attention in a step);
 * ``qkv+attention``  — projection then attention with its split merge, as in a step;
-* ``qkv+attn only``  — the same with the merge kernel left out (its cost is the difference).
+* ``qkv+attn only``  — the same with the merge kernel left out (its cost is the difference);
+* ``max |out - default|`` — one attention output on fixed inputs against the first variant's.
 
 Each row is µs per layer; ``--variant`` sets :mod:`pipeline.ops.fused_decode` attributes as in
 ``fused_variants.py``.
@@ -71,6 +72,22 @@ def layer_us(keys: int, layers: int, merge: bool, attend: bool, chain: int, repl
         fused_decode._attention_combine_kernel = combine
 
 
+def variant_output(keys: int) -> torch.Tensor:
+    """One attention call's output (fp32) on fixed random inputs, with the module's current settings."""
+    gen = torch.Generator(device="cuda").manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+
+    qkv = rand(1, (HEADS + 2 * KV_HEADS) * D)
+    k_cache, v_cache = rand(1, KV_HEADS, keys, D), rand(1, KV_HEADS, keys, D)
+    lengths = torch.tensor([keys - 16], device="cuda")
+    inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
+    splits = fused_decode.attention_splits(keys)
+    out = fused_decode.attention(qkv, k_cache, v_cache, lengths, inv_freq, 1.0, D ** -0.5, HEADS, 1, 1, None, splits)
+    return out.float()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--keys", default="528,16400", help="cache slots (the step's max_length)")
@@ -82,19 +99,26 @@ def main() -> int:
     args = parser.parse_args()
     defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
     rows = []
-    print(f"{'variant':<36} {'keys':>6} {'layers':>6} {'qkv':>6} {'qkv+attention':>14} {'qkv+attn only':>14}")
+    print(f"{'variant':<36} {'keys':>6} {'layers':>6} {'qkv':>6} {'qkv+attention':>14} {'qkv+attn only':>14}"
+          f" {'max |out - default|':>20}")
+    reference = {}
     for spec in args.variant or ["default"]:
         for name, value in {**defaults, **parse_variant(spec)}.items():
             setattr(fused_decode, name, value)
         for keys in (int(k) for k in args.keys.split(",")):
+            with torch.inference_mode():
+                out = variant_output(keys)
+            if keys not in reference:
+                reference[keys] = out  # the first variant's output is the yardstick
+            diff = (out - reference[keys]).abs().max().item()
             for layers in (int(n) for n in args.layers.split(",")):
                 with torch.inference_mode():
                     qkv = layer_us(keys, layers, True, False, args.chain, args.replays)
                     full = layer_us(keys, layers, True, True, args.chain, args.replays)
                     bare = layer_us(keys, layers, False, True, args.chain, args.replays)
                 rows.append(dict(variant=spec, keys=keys, layers=layers, qkv_us=qkv, qkv_attention_us=full,
-                                 qkv_attention_no_merge_us=bare))
-                print(f"{spec:<36} {keys:>6} {layers:>6} {qkv:6.2f} {full:14.2f} {bare:14.2f}", flush=True)
+                                 qkv_attention_no_merge_us=bare, max_abs_diff=diff))
+                print(f"{spec:<36} {keys:>6} {layers:>6} {qkv:6.2f} {full:14.2f} {bare:14.2f} {diff:20.2e}", flush=True)
                 torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
