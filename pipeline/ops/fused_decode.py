@@ -738,24 +738,30 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
 def _tile_slots(start, BLOCK_L: tl.constexpr, GROUPS: tl.constexpr):
     """Slots ``start … start + BLOCK_L - 1`` of a tile: flat, or as GROUPS rows of consecutive keys."""
     if GROUPS == 1:
-        return start + tl.arange(0, BLOCK_L)
-    return start + (tl.arange(0, GROUPS)[:, None] * (BLOCK_L // GROUPS) + tl.arange(0, BLOCK_L // GROUPS)[None, :])
+        slots = start + tl.arange(0, BLOCK_L)
+    else:
+        slots = start + (tl.arange(0, GROUPS)[:, None] * (BLOCK_L // GROUPS) + tl.arange(0, BLOCK_L // GROUPS)[None, :])
+    return slots
 
 
 @triton.jit
 def _tile_offsets(cache_base, slots, offs_d, s_cl, GROUPS: tl.constexpr):
     """Element offsets of the cache rows at ``slots``, with the head dimension last."""
     if GROUPS == 1:
-        return cache_base + slots[:, None] * s_cl + offs_d[None, :]
-    return cache_base + slots[:, :, None] * s_cl + offs_d[None, None, :]
+        offsets = cache_base + slots[:, None] * s_cl + offs_d[None, :]
+    else:
+        offsets = cache_base + slots[:, :, None] * s_cl + offs_d[None, None, :]
+    return offsets
 
 
 @triton.jit
 def _row_mask(cond, GROUPS: tl.constexpr):
     """A per-slot condition broadcast over the head dimension."""
     if GROUPS == 1:
-        return cond[:, None]
-    return cond[:, :, None]
+        mask = cond[:, None]
+    else:
+        mask = cond[:, :, None]
+    return mask
 
 
 @triton.jit
