@@ -735,60 +735,12 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
 
 
 @triton.jit
-def _tile_slots(start, BLOCK_L: tl.constexpr, GROUPS: tl.constexpr):
-    """Slots ``start … start + BLOCK_L - 1`` of a tile: flat, or as GROUPS rows of consecutive keys."""
-    if GROUPS == 1:
-        slots = start + tl.arange(0, BLOCK_L)
-    else:
-        slots = start + (tl.arange(0, GROUPS)[:, None] * (BLOCK_L // GROUPS) + tl.arange(0, BLOCK_L // GROUPS)[None, :])
-    return slots
-
-
-@triton.jit
-def _tile_offsets(cache_base, slots, offs_d, s_cl, GROUPS: tl.constexpr):
-    """Element offsets of the cache rows at ``slots``, with the head dimension last."""
-    if GROUPS == 1:
-        offsets = cache_base + slots[:, None] * s_cl + offs_d[None, :]
-    else:
-        offsets = cache_base + slots[:, :, None] * s_cl + offs_d[None, None, :]
-    return offsets
-
-
-@triton.jit
-def _row_mask(cond, GROUPS: tl.constexpr):
-    """A per-slot condition broadcast over the head dimension."""
-    if GROUPS == 1:
-        mask = cond[:, None]
-    else:
-        mask = cond[:, :, None]
-    return mask
-
-
-@triton.jit
-def _attend_grouped(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
-    """:func:`_attend_tile` with the tile's keys in groups (axis 0, one warp each): a batched dot,
-    whose softmax statistics stay within a warp; the groups are merged once, after the last tile."""
-    scores = tl.dot(q, tl.trans(keys, 0, 2, 1), input_precision=PRECISION) * scale  # (groups, rows, keys)
-    visible = (slots < end)[:, None, :] & (slots[:, None, :] <= pos_r[None, :, None])
-    if HAS_WINDOW:
-        visible = visible & (pos_r[None, :, None] - slots[:, None, :] < WINDOW)
-    scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=2))
-    alpha = tl.exp(m_i - m_new)
-    probs = tl.exp(scores - m_new[:, :, None])
-    l_i = l_i * alpha + tl.sum(probs, axis=2)
-    acc = acc * alpha[:, :, None] + tl.dot(probs.to(keys.dtype), values, input_precision=PRECISION)
-    return m_new, l_i, acc
-
-
-@triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, GROUPS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -808,9 +760,9 @@ def _attention_kernel(
     hi = lo + SPLIT_LEN
     end = tl.minimum(hi, pos0 + T)
     cache_base = b.to(tl.int64) * s_cb + kvh * s_ch  # 64-bit: a layer's KV buffer may pass 2**31 elements
-    slots = _tile_slots(lo, BLOCK_L, GROUPS)
-    earlier = _row_mask(slots < tl.minimum(hi, pos0), GROUPS)
-    tile_ptrs = _tile_offsets(cache_base, slots, offs_d, s_cl, GROUPS)
+    slots = lo + tl.arange(0, BLOCK_L)
+    earlier = (slots < tl.minimum(hi, pos0))[:, None]
+    tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
     # The rotary factors depend on positions only: of the block's first key, and of every query row
@@ -822,7 +774,10 @@ def _attention_kernel(
     t_r = offs_r % T
     head_r = kvh * REP + offs_r // T
     pos_r = pos0 + t_r
-    cos_r, sin_r = _rope_factors(pos_r[:, None], inv_freq[None, :], rope_scale, dtype)
+    if T == 1:  # every row is the block's one token: its factors are the key's
+        cos_r, sin_r = cos0[None, :], sin0[None, :]
+    else:
+        cos_r, sin_r = _rope_factors(pos_r[:, None], inv_freq[None, :], rope_scale, dtype)
     if USE_PDL:
         gdc_wait()  # the q/k/v projection of the block comes from the kernel before
     # The queries are loaded first: issued after the cache stores below, they would wait for them
@@ -851,43 +806,23 @@ def _attention_kernel(
     # registers a thread and slowed the step (H100, 50% hybrid, captured step: p4096 375.6 -> 347.8 us,
     # p16k 418.9 -> 414.0; benchmarks/fused_variants.py). Either way the tile's values are the same,
     # so a block's rows and one-token steps still agree bit for bit.
-    block_slots = _row_mask((slots >= pos0) & (slots < end), GROUPS)
+    block_slots = ((slots >= pos0) & (slots < end))[:, None]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
 
     q = _rotate(q, q_partner, offs_d, cos_r, sin_r, dtype, D)
 
-    if GROUPS == 1:
-        m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-        m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION)
-        for l0 in range(lo + BLOCK_L, end, BLOCK_L):
-            later = l0 + tl.arange(0, BLOCK_L)
-            later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
-            later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-            later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-            m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                         HAS_WINDOW, PRECISION)
-    else:
-        q_groups = tl.broadcast_to(q[None, :, :], (GROUPS, BLOCK_R, D))
-        m_g = tl.full([GROUPS, BLOCK_R], -1.0e30, dtype=tl.float32)
-        l_g = tl.zeros([GROUPS, BLOCK_R], dtype=tl.float32)
-        acc_g = tl.zeros([GROUPS, BLOCK_R, D], dtype=tl.float32)
-        m_g, l_g, acc_g = _attend_grouped(q_groups, keys, values, slots, end, pos_r, m_g, l_g, acc_g, scale, WINDOW,
-                                          HAS_WINDOW, PRECISION)
-        for l0 in range(lo + BLOCK_L, end, BLOCK_L):
-            later = _tile_slots(l0, BLOCK_L, GROUPS)
-            later_ptrs = _tile_offsets(cache_base, later, offs_d, s_cl, GROUPS)
-            later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, :, None], other=0.0)
-            later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, :, None], other=0.0)
-            m_g, l_g, acc_g = _attend_grouped(q_groups, later_keys, later_values, later, end, pos_r, m_g, l_g, acc_g,
-                                              scale, WINDOW, HAS_WINDOW, PRECISION)
-        m_i = tl.max(m_g, axis=0)  # the groups' statistics, merged once
-        alpha = tl.exp(m_g - m_i[None, :])
-        l_i = tl.sum(l_g * alpha, axis=0)
-        acc = tl.sum(acc_g * alpha[:, :, None], axis=0)
+    m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
+        later = l0 + tl.arange(0, BLOCK_L)
+        later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
+        later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
+                                     HAS_WINDOW, PRECISION)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -936,7 +871,6 @@ LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are 
 LONG_SPLITS = 128  # ... and about this many of them
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 ATTENTION_STAGES = 3  # experiment: software-pipelining depth of a split's later tiles (Triton's default)
-ATTENTION_GROUP_KEYS = 0  # experiment: tiles of at least 2x this many keys are attended in groups of it (0: off)
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
@@ -969,13 +903,6 @@ def _attention_tile(split_len: int) -> int:
     return min(LONG_SPLIT_UNIT, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
 
 
-def _key_groups(tile: int) -> int:
-    """Key groups a tile is attended in (1: one flat tile)."""
-    if ATTENTION_GROUP_KEYS and tile >= 2 * ATTENTION_GROUP_KEYS:
-        return tile // ATTENTION_GROUP_KEYS
-    return 1
-
-
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
               inv_freq: torch.Tensor, rope_scale: float, scale: float, num_heads: int, batch: int, tokens: int,
               sliding_window: int | None, splits: tuple[int, int]) -> torch.Tensor:
@@ -987,7 +914,6 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
     n_splits, split_len = splits
-    tile = _attention_tile(split_len)
     out = torch.empty(qkv.shape[0], num_heads * d, device=qkv.device, dtype=qkv.dtype)
     if n_splits > 1:
         part_acc = torch.empty(n_splits, qkv.shape[0], num_heads * d, device=qkv.device, dtype=torch.float32)
@@ -999,10 +925,9 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=tile,
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), GROUPS=_key_groups(tile), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS,
-        num_stages=ATTENTION_STAGES,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
