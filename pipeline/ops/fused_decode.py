@@ -870,7 +870,13 @@ MAX_SPLITS = 128
 LONG_SPLIT_UNIT = 128  # beyond MAX_SPLITS splits of KEYS_PER_SPLIT, splits are multiples of this ...
 LONG_SPLITS = 128  # ... and about this many of them
 ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
-ATTENTION_STAGES = 3  # experiment: software-pipelining depth of a split's later tiles (Triton's default)
+# A split's later tiles are loaded when the loop reaches them, into registers (num_stages 1), not
+# software-pipelined through shared memory (Triton's default of 3 stages: 68 KB of it at tiles of
+# 128 keys, which also puts the kernel in another L1/shared split of the SM than the GEMVs around
+# it). The arithmetic is the same, bit for bit. Measured on an H100 (benchmarks/attention_costs.py,
+# 16400 keys, 15 caches; fused_variants.py --loop, 50% hybrid, p16k): 9.26-9.35 -> 8.93-9.01 us a
+# layer without the merge; the greedy loop 417.6-420.4 -> 413.4-414.8 us a token.
+ATTENTION_STAGES = 1
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
