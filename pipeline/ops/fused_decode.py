@@ -874,8 +874,9 @@ ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # software-pipelined through shared memory (Triton's default of 3 stages: 68 KB of it at tiles of
 # 128 keys, which also puts the kernel in another L1/shared split of the SM than the GEMVs around
 # it). The arithmetic is the same, bit for bit. Measured on an H100 (benchmarks/attention_costs.py,
-# 16400 keys, 15 caches; fused_variants.py --loop, 50% hybrid, p16k): 9.26-9.35 -> 8.93-9.01 us a
-# layer without the merge; the greedy loop 417.6-420.4 -> 413.4-414.8 us a token.
+# 16400 keys, 15 caches): 9.20-9.35 -> 8.93-9.01 us a layer without the merge; in the 50% hybrid's
+# greedy loop at p16k (fused_variants.py --loop) 418.1-419.7 -> 414.8 us a token in one call, and
+# 413.4-417.6 -> 413.4-414.4 in another (reports/gpu/fourteenth-2026-11-26).
 ATTENTION_STAGES = 1
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
