@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -42,29 +43,48 @@ class _Skipped:
         return lambda *args, **kwargs: None
 
 
-def layer_us(keys: int, layers: int, merge: bool, attend: bool, chain: int, replays: int) -> float:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def attention_inputs(keys: int, layers: int, seed: int = 0) -> SimpleNamespace:
+    """Random SmolLM2-shaped inputs of one new token over ``layers`` distinct KV caches of ``keys``
+    slots: the hidden row, its norm weight, each layer's joint q/k/v weight and cache, the lengths
+    (16 slots short of full), the rotary frequencies and the split layout."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
 
     def rand(*shape):
         return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
 
-    hidden = rand(1, HIDDEN)
-    norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
-    weights = [rand((HEADS + 2 * KV_HEADS) * D, HIDDEN) * 0.05 for _ in range(layers)]
-    caches = [(rand(1, KV_HEADS, keys, D), rand(1, KV_HEADS, keys, D)) for _ in range(layers)]
-    lengths = torch.tensor([keys - 16], device="cuda")
-    inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
-    splits = fused_decode.attention_splits(keys)
+    return SimpleNamespace(
+        hidden=rand(1, HIDDEN), norm_w=torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16),
+        weights=[rand((HEADS + 2 * KV_HEADS) * D, HIDDEN) * 0.05 for _ in range(layers)],
+        caches=[(rand(1, KV_HEADS, keys, D), rand(1, KV_HEADS, keys, D)) for _ in range(layers)],
+        lengths=torch.tensor([keys - 16], device="cuda"),
+        inv_freq=1.0 / (100000 ** (torch.arange(0, D, 2, device="cuda").float() / D)),
+        splits=fused_decode.attention_splits(keys),
+    )
+
+
+def project(inputs: SimpleNamespace, layer: int) -> torch.Tensor:
+    """The norm + q/k/v projection of ``layer`` (the kernel before attention in a step)."""
+    return fused_decode.norm_linear(inputs.hidden, inputs.norm_w, 1e-5, inputs.weights[layer % len(inputs.weights)])
+
+
+def attend(inputs: SimpleNamespace, layer: int, qkv: torch.Tensor) -> torch.Tensor:
+    """The fused attention of ``layer`` (with its split merge) over its cache; writes the new token's key and value."""
+    k, v = inputs.caches[layer % len(inputs.caches)]
+    return fused_decode.attention(qkv, k, v, inputs.lengths, inputs.inv_freq, 1.0, D ** -0.5, HEADS, 1, 1, None,
+                                  inputs.splits)
+
+
+def layer_us(keys: int, layers: int, merge: bool, attend_too: bool, chain: int, replays: int) -> float:
+    inputs = attention_inputs(keys, layers)
     combine = fused_decode._attention_combine_kernel
     if not merge:
         fused_decode._attention_combine_kernel = _Skipped()
 
     def body():
         for i in range(chain):
-            qkv = fused_decode.norm_linear(hidden, norm_w, 1e-5, weights[i % layers])
-            if attend:
-                k, v = caches[i % layers]
-                fused_decode.attention(qkv, k, v, lengths, inv_freq, 1.0, D ** -0.5, HEADS, 1, 1, None, splits)
+            qkv = project(inputs, i)
+            if attend_too:
+                attend(inputs, i, qkv)
 
     try:
         return timed(captured(body).replay, replays)[1] / chain
@@ -74,18 +94,8 @@ def layer_us(keys: int, layers: int, merge: bool, attend: bool, chain: int, repl
 
 def variant_output(keys: int) -> torch.Tensor:
     """One attention call's output (fp32) on fixed random inputs, with the module's current settings."""
-    gen = torch.Generator(device="cuda").manual_seed(1)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-
-    qkv = rand(1, (HEADS + 2 * KV_HEADS) * D)
-    k_cache, v_cache = rand(1, KV_HEADS, keys, D), rand(1, KV_HEADS, keys, D)
-    lengths = torch.tensor([keys - 16], device="cuda")
-    inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
-    splits = fused_decode.attention_splits(keys)
-    out = fused_decode.attention(qkv, k_cache, v_cache, lengths, inv_freq, 1.0, D ** -0.5, HEADS, 1, 1, None, splits)
-    return out.float()
+    inputs = attention_inputs(keys, 1, seed=1)
+    return attend(inputs, 0, project(inputs, 0)).float()
 
 
 def main() -> int:

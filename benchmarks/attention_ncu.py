@@ -23,32 +23,18 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
-HIDDEN, HEADS, KV_HEADS, D = 576, 9, 3, 64
-
 
 def run(keys: int, launches: int) -> None:
     import torch
 
-    from pipeline.ops import fused_decode
+    from benchmarks.attention_costs import attend, attention_inputs, project
 
-    gen = torch.Generator(device="cuda").manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-
-    hidden = rand(1, HIDDEN)
-    norm_w = torch.ones(HIDDEN, device="cuda", dtype=torch.bfloat16)
-    weight = rand((HEADS + 2 * KV_HEADS) * D, HIDDEN) * 0.05
-    k_cache, v_cache = rand(1, KV_HEADS, keys, D), rand(1, KV_HEADS, keys, D)
-    lengths = torch.tensor([keys - 16], device="cuda")
-    inv_freq = 1.0 / (100000 ** (torch.arange(0, D, 2, device="cuda").float() / D))
-    splits = fused_decode.attention_splits(keys)
+    inputs = attention_inputs(keys, 1)
     with torch.inference_mode():
         for _ in range(launches):
-            qkv = fused_decode.norm_linear(hidden, norm_w, 1e-5, weight)
-            fused_decode.attention(qkv, k_cache, v_cache, lengths, inv_freq, 1.0, D ** -0.5, HEADS, 1, 1, None, splits)
+            attend(inputs, 0, project(inputs, 0))
     torch.cuda.synchronize()
-    print(f"keys {keys}: splits {splits}, {launches} launches")
+    print(f"keys {keys}: splits {inputs.splits}, {launches} launches")
 
 
 def _number(text: str) -> float:
