@@ -956,134 +956,6 @@ def _attention_kernel(
 
 
 @triton.jit
-def _attend_rows_tile(q, keys, values, slots, end, pos, m, l, acc, scale, WINDOW, HAS_WINDOW: tl.constexpr):
-    """One query row over a tile of keys on CUDA cores: each key slot of the tile keeps its own
-    online-softmax state (``m``, ``l``, ``acc`` per slot), so nothing crosses warps until the end."""
-    scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
-    visible = slots < end
-    if HAS_WINDOW:
-        visible = visible & (pos - slots < WINDOW)
-    scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m, scores)
-    alpha = tl.exp(m - m_new)
-    probs = tl.exp(scores - m_new)
-    l = l * alpha + probs
-    acc = acc * alpha[:, None] + probs[:, None] * values.to(tl.float32)
-    return m_new, l, acc
-
-
-@triton.jit
-def _block_token_kv(qkv_ptr, b, s_qm, hq, KV_HEADS, kvh, pos0, offs_d, inv_freq, rope_scale, cos0, sin0, dtype,
-                    T: tl.constexpr, U: tl.constexpr, D: tl.constexpr):
-    """The rotated key and the value of the block's token ``U`` for KV head ``kvh`` (as the cache holds them)."""
-    row_ptr = qkv_ptr + (b * T + U) * s_qm
-    cos, sin = cos0, sin0
-    if U > 0:
-        cos, sin = _rope_factors(pos0 + U, inv_freq, rope_scale, dtype)
-    k_ptr = row_ptr + (hq + kvh) * D
-    k = _rotate(tl.load(k_ptr + offs_d).to(tl.float32), tl.load(k_ptr + (offs_d + D // 2) % D).to(tl.float32),
-                offs_d, cos, sin, dtype, D)
-    v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
-    return k, v
-
-
-@triton.jit
-def _patch_block(keys, values, slots, qkv_ptr, b, s_qm, hq, KV_HEADS, kvh, pos0, offs_d, inv_freq, rope_scale, cos0,
-                 sin0, dtype, T: tl.constexpr, D: tl.constexpr):
-    """The tile with the rows at the block's slots ``pos0 + u`` replaced by the block's own keys and values."""
-    for u in tl.static_range(T):
-        k, v = _block_token_kv(qkv_ptr, b, s_qm, hq, KV_HEADS, kvh, pos0, offs_d, inv_freq, rope_scale, cos0, sin0,
-                               dtype, T, u, D)
-        here = (slots == pos0 + u)[:, None]
-        keys = tl.where(here, k[None, :], keys)
-        values = tl.where(here, v[None, :], values)
-    return keys, values
-
-
-@triton.jit
-def _attention_rows_kernel(
-    qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
-    KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
-    s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
-    T: tl.constexpr, D: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """One program per (row, query head, token of the block, key split): see :data:`ATTENTION_ROWS`."""
-    if USE_PDL:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)  # ((b · heads) + head) · T + t: a KV head's query programs are neighbours
-    split = tl.program_id(1)
-    hq = KV_HEADS * REP
-    t = pid % T
-    head = (pid // T) % hq
-    b = pid // (T * hq)
-    kvh = head // REP
-    offs_d = tl.arange(0, D)
-    dtype = k_cache_ptr.dtype.element_ty
-    inv_freq = tl.load(inv_freq_ptr + offs_d % (D // 2)).to(tl.float32)
-    pos0 = tl.load(lengths_ptr + b)
-    pos = pos0 + t
-    lo = split * SPLIT_LEN
-    hi = lo + SPLIT_LEN
-    end = tl.minimum(hi, pos + 1)  # the slots this token sees in this split
-    cache_base = b.to(tl.int64) * s_cb + kvh * s_ch
-    slots = lo + tl.arange(0, BLOCK_L)
-    tile_ptrs = cache_base + slots[:, None] * s_cl + offs_d[None, :]
-    earlier = (slots < tl.minimum(hi, pos0))[:, None]
-    keys = tl.load(k_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
-    values = tl.load(v_cache_ptr + tile_ptrs, mask=earlier, other=0.0)
-    cos0, sin0 = _rope_factors(pos0, inv_freq, rope_scale, dtype)
-    if USE_PDL:
-        gdc_wait()
-    q_row = qkv_ptr + (b * T + t) * s_qm + head * D
-    cos, sin = cos0, sin0
-    if T > 1:
-        cos, sin = _rope_factors(pos, inv_freq, rope_scale, dtype)
-    q = _rotate(tl.load(q_row + offs_d).to(tl.float32), tl.load(q_row + (offs_d + D // 2) % D).to(tl.float32),
-                offs_d, cos, sin, dtype, D).to(tl.float32)
-    # The block's keys (rotated) and values: the first query program of a KV head at the block's
-    # first token stores those that fall in its split; every program patches them into its tiles
-    # from its own copy (reading them back would race with the programs that store them).
-    if (head % REP == 0) & (t == 0) & (pos0 < hi) & (pos0 + T > lo):
-        for u in tl.static_range(T):
-            k_u, v_u = _block_token_kv(qkv_ptr, b, s_qm, hq, KV_HEADS, kvh, pos0, offs_d, inv_freq, rope_scale, cos0,
-                                       sin0, dtype, T, u, D)
-            mine = (offs_d >= 0) & (pos0 + u >= lo) & (pos0 + u < hi)
-            tl.store(k_cache_ptr + cache_base + (pos0 + u) * s_cl + offs_d, k_u, mask=mine)
-            tl.store(v_cache_ptr + cache_base + (pos0 + u) * s_cl + offs_d, v_u, mask=mine)
-    m = tl.full([BLOCK_L], -1.0e30, dtype=tl.float32)
-    l = tl.zeros([BLOCK_L], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_L, D], dtype=tl.float32)
-    if (lo + BLOCK_L > pos0) & (lo < pos0 + T):
-        keys, values = _patch_block(keys, values, slots, qkv_ptr, b, s_qm, hq, KV_HEADS, kvh, pos0, offs_d, inv_freq,
-                                    rope_scale, cos0, sin0, dtype, T, D)
-    m, l, acc = _attend_rows_tile(q, keys, values, slots, end, pos, m, l, acc, scale, WINDOW, HAS_WINDOW)
-    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
-        later = l0 + tl.arange(0, BLOCK_L)
-        later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
-        later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-        later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-        if (l0 + BLOCK_L > pos0) & (l0 < pos0 + T):
-            later_keys, later_values = _patch_block(later_keys, later_values, later, qkv_ptr, b, s_qm, hq, KV_HEADS, kvh,
-                                                    pos0, offs_d, inv_freq, rope_scale, cos0, sin0, dtype, T, D)
-        m, l, acc = _attend_rows_tile(q, later_keys, later_values, later, end, pos, m, l, acc, scale, WINDOW,
-                                      HAS_WINDOW)
-    # the tile's slots merged: once per program
-    m_all = tl.max(m, axis=0)
-    weight = tl.exp(m - m_all)
-    l_all = tl.sum(l * weight, axis=0)
-    acc_all = tl.sum(acc * weight[:, None], axis=0)
-    row = b * T + t
-    if SPLITS == 1:
-        tl.store(out_ptr + row * s_om + head * D + offs_d, (acc_all / l_all).to(out_ptr.dtype.element_ty))
-    else:
-        tl.store(part_acc_ptr + split * s_pa_s + row * s_pa_m + head * D + offs_d, acc_all)
-        pml = part_ml_ptr + split * s_pml_s + row * s_pml_m + head * 2
-        tl.store(pml, m_all)
-        tl.store(pml + 1, l_all)
-
-
-@triton.jit
 def _attention_combine_kernel(part_acc_ptr, part_ml_ptr, out_ptr, HQ, SPLITS,
                               s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om,
                               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr):
@@ -1128,14 +1000,6 @@ ATTENTION_STAGES = 1
 # tiles wholly before the block skip the visibility masks.
 ATTENTION_OWNER_WRITES = False
 ATTENTION_FULL_TILES = False
-# Experiment: attention on CUDA cores, one program per (row, query head, token, key split) instead
-# of per (row, KV head, split) with tensor-core tiles of 16 query rows (of which GQA fills 3 at
-# one token). Each key slot of a tile keeps its own softmax state, so the loop needs no barrier and
-# no shared memory; a KV head's query programs read its tiles from L2 after the first.
-ATTENTION_ROWS = False
-ATTENTION_ROWS_MIN_SPLITS = 1
-ATTENTION_ROWS_TILE = 64
-ATTENTION_ROWS_WARPS = 4
 ATTENTION_MAX_TILE = None  # experiment: a larger cap on the keys per tile (a whole long split preloaded)
 ATTENTION_LONG_WARPS = None  # experiment: warps of programs whose tile is above 128 keys
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
@@ -1188,28 +1052,17 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_ml = torch.empty(n_splits, qkv.shape[0], num_heads * 2, device=qkv.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    if ATTENTION_ROWS and n_splits >= ATTENTION_ROWS_MIN_SPLITS:
-        _attention_rows_kernel[(batch * num_heads * tokens, n_splits)](
-            qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
-            kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
-            qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
-            part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-            T=tokens, D=d, BLOCK_L=min(ATTENTION_ROWS_TILE, triton.next_power_of_2(split_len)), SPLITS=n_splits,
-            HAS_WINDOW=sliding_window is not None, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_ROWS_WARPS,
-            num_stages=1,
-        )
-    else:
-        _attention_kernel[(batch * kv_heads, n_splits)](
-            qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
-            kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
-            qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
-            part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
-            T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
-            SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-            USE_PDL=_pdl(), OWNER_WRITES=ATTENTION_OWNER_WRITES, FULL_TILES=ATTENTION_FULL_TILES, launch_pdl=_pdl(),
-            num_warps=ATTENTION_LONG_WARPS if ATTENTION_LONG_WARPS and _attention_tile(split_len) > 128 else ATTENTION_WARPS,
-            num_stages=ATTENTION_STAGES,
-        )
+    _attention_kernel[(batch * kv_heads, n_splits)](
+        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
+        kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
+        qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
+        part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
+        T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
+        SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
+        USE_PDL=_pdl(), OWNER_WRITES=ATTENTION_OWNER_WRITES, FULL_TILES=ATTENTION_FULL_TILES, launch_pdl=_pdl(),
+        num_warps=ATTENTION_LONG_WARPS if ATTENTION_LONG_WARPS and _attention_tile(split_len) > 128 else ATTENTION_WARPS,
+        num_stages=ATTENTION_STAGES,
+    )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
         block_d = max(1, d // pieces)
