@@ -1000,8 +1000,6 @@ ATTENTION_STAGES = 1
 # tiles wholly before the block skip the visibility masks.
 ATTENTION_OWNER_WRITES = False
 ATTENTION_FULL_TILES = False
-ATTENTION_MAX_TILE = None  # experiment: a larger cap on the keys per tile (a whole long split preloaded)
-ATTENTION_LONG_WARPS = None  # experiment: warps of programs whose tile is above 128 keys
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
@@ -1030,9 +1028,8 @@ def attention_splits(max_length: int) -> tuple[int, int]:
 
 
 def _attention_tile(split_len: int) -> int:
-    """Keys per tile: a split of up to 128 keys in one tile, longer ones in tiles of 128 (of
-    ATTENTION_MAX_TILE where that is set)."""
-    return min(ATTENTION_MAX_TILE or LONG_SPLIT_UNIT, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
+    """Keys per tile: a split of up to 128 keys in one tile, longer ones in tiles of 128."""
+    return min(LONG_SPLIT_UNIT, max(KEYS_PER_SPLIT, triton.next_power_of_2(split_len)))
 
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -1060,8 +1057,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
         USE_PDL=_pdl(), OWNER_WRITES=ATTENTION_OWNER_WRITES, FULL_TILES=ATTENTION_FULL_TILES, launch_pdl=_pdl(),
-        num_warps=ATTENTION_LONG_WARPS if ATTENTION_LONG_WARPS and _attention_tile(split_len) > 128 else ATTENTION_WARPS,
-        num_stages=ATTENTION_STAGES,
+        num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
