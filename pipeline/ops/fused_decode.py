@@ -803,15 +803,13 @@ def _rotate(v, partner, offs_d, cos, sin, dtype, D: tl.constexpr):
 
 @triton.jit
 def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, FULL: tl.constexpr = False):
-    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``
-    (``FULL``: every row sees every key of the tile, and no mask is computed)."""
+                 HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):
+    """One online-softmax step of the queries ``q`` over a tile of cached keys at ``slots``."""
     scores = tl.dot(q, tl.trans(keys), input_precision=PRECISION) * scale
-    if not FULL:
-        visible = (slots < end)[None, :] & (slots[None, :] <= pos_r[:, None])
-        if HAS_WINDOW:
-            visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
-        scores = tl.where(visible, scores, float("-inf"))
+    visible = (slots < end)[None, :] & (slots[None, :] <= pos_r[:, None])
+    if HAS_WINDOW:
+        visible = visible & (pos_r[:, None] - slots[None, :] < WINDOW)
+    scores = tl.where(visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=1))
     alpha = tl.exp(m_i - m_new)
     probs = tl.exp(scores - m_new[:, None])
@@ -821,43 +819,12 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
 
 
 @triton.jit
-def _write_block(qkv_ptr, k_cache_ptr, v_cache_ptr, keys, values, tile_ptrs, slots, cache_base, inv_freq, cos0, sin0,
-                 pos0, lo, hi, end, b, kvh, hq, KV_HEADS, rope_scale, s_qm, s_cl, offs_d, dtype,
-                 T: tl.constexpr, D: tl.constexpr):
-    """Store the block's rotated keys and values that fall in ``[lo, hi)`` into the cache, and read
-    them back into the split's first tile (``keys``/``values`` at ``slots``)."""
-    for t in tl.static_range(T):
-        pos = pos0 + t
-        mine = (pos >= lo) & (pos < hi)
-        row_ptr = qkv_ptr + (b * T + t) * s_qm
-        cos, sin = cos0, sin0
-        if t > 0:
-            cos, sin = _rope_factors(pos, inv_freq, rope_scale, dtype)
-        k_ptr = row_ptr + (hq + kvh) * D
-        k = _rotate(tl.load(k_ptr + offs_d).to(tl.float32), tl.load(k_ptr + (offs_d + D // 2) % D).to(tl.float32),
-                    offs_d, cos, sin, dtype, D)
-        v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
-        tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
-        tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
-    tl.debug_barrier()  # the block's slots are read back from the cache, into the first tile and in later ones
-    # A masked load onto the tile, not tl.where(slot == pos, k, tile) per token: that patch raised the
-    # registers a thread and slowed the step (H100, 50% hybrid, captured step: p4096 375.6 -> 347.8 us,
-    # p16k 418.9 -> 414.0; benchmarks/fused_variants.py). Either way the tile's values are the same,
-    # so a block's rows and one-token steps still agree bit for bit.
-    block_slots = ((slots >= pos0) & (slots < end))[:, None]
-    keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
-    values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
-    return keys, values
-
-
-@triton.jit
 def _attention_kernel(
     qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, OWNER_WRITES: tl.constexpr,
-    FULL_TILES: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -904,43 +871,42 @@ def _attention_kernel(
     q = tl.load(q_rows + offs_d[None, :], mask=q_mask, other=0.0).to(tl.float32)
     q_partner = tl.load(q_rows + ((offs_d + D // 2) % D)[None, :], mask=q_mask, other=0.0).to(tl.float32)
 
-    # the block's keys (rotated) and values go into the cache slots of this split (OWNER_WRITES:
-    # only a split holding one of them does this; the others skip it, barrier included)
-    if OWNER_WRITES:
-        if (pos0 < hi) & (pos0 + T > lo):
-            keys, values = _write_block(qkv_ptr, k_cache_ptr, v_cache_ptr, keys, values, tile_ptrs, slots, cache_base,
-                                        inv_freq, cos0, sin0, pos0, lo, hi, end, b, kvh, hq, KV_HEADS, rope_scale,
-                                        s_qm, s_cl, offs_d, dtype, T, D)
-    else:
-        keys, values = _write_block(qkv_ptr, k_cache_ptr, v_cache_ptr, keys, values, tile_ptrs, slots, cache_base,
-                                    inv_freq, cos0, sin0, pos0, lo, hi, end, b, kvh, hq, KV_HEADS, rope_scale,
-                                    s_qm, s_cl, offs_d, dtype, T, D)
+    # the block's keys (rotated) and values go into the cache slots of this split
+    for t in tl.static_range(T):
+        pos = pos0 + t
+        mine = (pos >= lo) & (pos < hi)
+        row_ptr = qkv_ptr + (b * T + t) * s_qm
+        cos, sin = cos0, sin0
+        if t > 0:
+            cos, sin = _rope_factors(pos, inv_freq, rope_scale, dtype)
+        k_ptr = row_ptr + (hq + kvh) * D
+        k = _rotate(tl.load(k_ptr + offs_d).to(tl.float32), tl.load(k_ptr + (offs_d + D // 2) % D).to(tl.float32),
+                    offs_d, cos, sin, dtype, D)
+        v = tl.load(row_ptr + (hq + KV_HEADS + kvh) * D + offs_d).to(dtype)
+        tl.store(k_cache_ptr + cache_base + pos * s_cl + offs_d, k, mask=(offs_d >= 0) & mine)
+        tl.store(v_cache_ptr + cache_base + pos * s_cl + offs_d, v, mask=(offs_d >= 0) & mine)
+    tl.debug_barrier()  # the block's slots are read back from the cache, into the first tile and in later ones
+    # A masked load onto the tile, not tl.where(slot == pos, k, tile) per token: that patch raised the
+    # registers a thread and slowed the step (H100, 50% hybrid, captured step: p4096 375.6 -> 347.8 us,
+    # p16k 418.9 -> 414.0; benchmarks/fused_variants.py). Either way the tile's values are the same,
+    # so a block's rows and one-token steps still agree bit for bit.
+    block_slots = ((slots >= pos0) & (slots < end))[:, None]
+    keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
+    values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
 
     q = _rotate(q, q_partner, offs_d, cos_r, sin_r, dtype, D)
 
     m_i = tl.full([BLOCK_R], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
-    # FULL_TILES: a tile wholly before the block (every row sees all of it) skips the masks
-    if FULL_TILES and not HAS_WINDOW and (lo + BLOCK_L <= pos0) & (lo + BLOCK_L <= hi):
-        m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION, True)
-    else:
-        m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW,
-                                     PRECISION)
+    m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
     for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
-        if FULL_TILES and not HAS_WINDOW and (l0 + BLOCK_L <= pos0) & (l0 + BLOCK_L <= hi):
-            later_keys = tl.load(k_cache_ptr + later_ptrs)
-            later_values = tl.load(v_cache_ptr + later_ptrs)
-            m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                         HAS_WINDOW, PRECISION, True)
-        else:
-            later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-            later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
-            m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                         HAS_WINDOW, PRECISION)
+        later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        later_values = tl.load(v_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
+        m_i, l_i, acc = _attend_tile(q, later_keys, later_values, later, end, pos_r, m_i, l_i, acc, scale, WINDOW,
+                                     HAS_WINDOW, PRECISION)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -996,10 +962,6 @@ ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # greedy loop at p16k (fused_variants.py --loop) 418.1-419.7 -> 414.8 us a token in one call, and
 # 413.4-417.6 -> 413.4-414.4 in another (reports/gpu/fourteenth-2026-11-26).
 ATTENTION_STAGES = 1
-# Experiments: only the split holding the block's slots writes them (and waits at its barrier);
-# tiles wholly before the block skip the visibility masks.
-ATTENTION_OWNER_WRITES = False
-ATTENTION_FULL_TILES = False
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
@@ -1056,8 +1018,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), OWNER_WRITES=ATTENTION_OWNER_WRITES, FULL_TILES=ATTENTION_FULL_TILES, launch_pdl=_pdl(),
-        num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
