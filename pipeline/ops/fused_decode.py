@@ -247,15 +247,12 @@ def _dot_pieces(w, w2, x, x2, BLOCK_K2: tl.constexpr):
 def _bulk_prefetch(ptr, nbytes, EVICT_LAST: tl.constexpr):
     """Hopper's ``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16; none if 0) from each ``ptr``."""
     if EVICT_LAST:
-        done = tl.inline_asm_elementwise(
-            "{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0; createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-            "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
+        asm = ("{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0; "
+               "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
+               "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }")
     else:
-        done = tl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-            "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-    return done
+        asm = "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
+    return tl.inline_asm_elementwise(asm, "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
