@@ -96,7 +96,7 @@ def _persistent_chain_kernel(h_ptr, w_ptr, counter_ptr, N, K, P,
     dtype = w_ptr.dtype.element_ty
     for p in range(P):
         if WORK:
-            w, wb = _load_weight_pieces(w_ptr + p * N * K, offs_n, offs_k, offs_k2, N, K, K, BLOCK_K2, "")
+            w, wb = _load_weight_pieces(w_ptr + p * N * K, offs_n, offs_k, offs_k2, N, K, K, BLOCK_K2)
         if p > 0:
             _wait(counter_ptr, p * G, p, G, SPIN)
         if WORK:

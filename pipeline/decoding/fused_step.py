@@ -97,23 +97,18 @@ class FusedStep:
         # of earlier forwards has finished by the time this one starts.
         hidden = base.embed_tokens(tokens).reshape(b * t, -1)
         window = self.model.config.sliding_window
-        layers = base.layers
-        for layer in layers:
+        for layer in base.layers:
             i, norm = layer.layer_idx, layer.input_layernorm
-            # the next layer's KV cache, if it is attention: a GEMV of this layer may ask L2 for it
-            following = i + 1 < len(layers) and layers[i + 1].is_attention
-            prefetch = (cache.keys[i + 1], cache.values[i + 1], cache.lengths) if following else None
-            first = prefetch if ops.KV_PREFETCH_FROM == "first" else None
             if layer.is_attention:
                 attn, (weight, bias) = layer.self_attn, self.joint[i]
-                qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias, prefetch=first)
+                qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
                                     attn.scaling, attn.num_heads, b, t, window, self.splits)
                 out_proj = attn.o_proj
             else:
                 mixer = layer.mamba
                 weight, bias = self.joint[i] if self.mamba1 else (mixer.in_proj.weight, mixer.in_proj.bias)
-                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias, prefetch=first)
+                proj = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 run_mixer = ops.mamba1_mixer if self.mamba1 else ops.mamba2_mixer
                 out = run_mixer(proj, mixer, cache.conv_windows[i], cache.lengths, cache.replay,
                                 cache.ssm_states[i], cache.history[i], b, t)
@@ -121,7 +116,7 @@ class FusedStep:
             post, mlp = layer.post_attention_layernorm, layer.mlp
             hidden = ops.linear_residual(out, out_proj.weight, hidden, out_proj.bias)
             act = ops.norm_linear(hidden, post.weight, post.variance_epsilon, mlp.gate_proj.weight,
-                                  up_weight=mlp.up_proj.weight, prefetch=prefetch if first is None else None)
+                                  up_weight=mlp.up_proj.weight)
             hidden = ops.linear_residual(act, mlp.down_proj.weight, hidden, mlp.down_proj.bias)
         head = self.model.lm_head
         logits = ops.norm_linear(hidden, base.norm.weight, base.norm.variance_epsilon, head.weight, head.bias)

@@ -60,31 +60,6 @@ def _pdl() -> bool:
             and gdc_wait is not None and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 
 
-# L2 prefetch of the next attention layer's KV cache (Hopper+), an experiment behind a switch.
-# An attention layer at long contexts reads its keys and values from HBM (16k keys: 12.6 MB per
-# SmolLM2 layer, ~4 us of the bus) while the launch-bound kernels before it leave the bus mostly
-# idle. With KV_PREFETCH a GEMV of the layer before (KV_PREFETCH_FROM: "first", its input
-# projection, or "mlp", its SwiGLU) asks L2 for the used slots of that cache with bulk prefetches
-# of PREFETCH_CHUNK elements. A hint only: no result changes.
-KV_PREFETCH = False
-KV_PREFETCH_FROM = "first"
-PREFETCH_CHUNK = 2048
-PREFETCH_EVICT_LAST = False
-# Eviction hint of the GEMVs' weight loads ("" or "evict_first"): each weight is read once a step.
-WEIGHT_EVICTION = ""
-
-
-@functools.cache
-def _bulk_prefetch_supported() -> bool:
-    return (os.environ.get("TRITON_INTERPRET") != "1" and torch.cuda.is_available()
-            and torch.cuda.get_device_capability()[0] >= 9)
-
-
-def kv_prefetch() -> bool:
-    """Whether GEMVs issue the KV prefetches: KV_PREFETCH on a CUDA device of compute capability 9+."""
-    return KV_PREFETCH and _bulk_prefetch_supported()
-
-
 BLOCK_M = 16  # rows (tokens) per matmul tile: fixed, so a row's arithmetic never depends on the block size
 BLOCK_K = 64
 
@@ -223,15 +198,13 @@ def _load_row_pieces(ptr, offs_k, offs_k2, K, BLOCK_K2: tl.constexpr):
 
 
 @triton.jit
-def _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2: tl.constexpr, EVICT: tl.constexpr):
+def _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2: tl.constexpr):
     """Rows ``offs_n`` of a (N, K) weight as the two pieces of :func:`_load_row_pieces`, fp32."""
     rows = w_ptr + offs_n[:, None] * s_wn
-    w = tl.load(rows + offs_k[None, :], mask=(offs_n < N)[:, None] & (offs_k < K)[None, :], other=0.0,
-                eviction_policy=EVICT).to(tl.float32)
+    w = tl.load(rows + offs_k[None, :], mask=(offs_n < N)[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
     w2 = w
     if BLOCK_K2 > 0:
-        w2 = tl.load(rows + offs_k2[None, :], mask=(offs_n < N)[:, None] & (offs_k2 < K)[None, :], other=0.0,
-                     eviction_policy=EVICT).to(tl.float32)
+        w2 = tl.load(rows + offs_k2[None, :], mask=(offs_n < N)[:, None] & (offs_k2 < K)[None, :], other=0.0).to(tl.float32)
     return w, w2
 
 
@@ -244,49 +217,15 @@ def _dot_pieces(w, w2, x, x2, BLOCK_K2: tl.constexpr):
 
 
 @triton.jit
-def _bulk_prefetch(ptr, nbytes, EVICT_LAST: tl.constexpr):
-    """Hopper's ``cp.async.bulk.prefetch.L2`` of ``nbytes`` (a multiple of 16; none if 0) from each ``ptr``."""
-    if EVICT_LAST:
-        asm = ("{ .reg .pred p; .reg .b64 pol; setp.gt.s32 p, $2, 0; "
-               "createpolicy.fractional.L2::evict_last.b64 pol, 1.0; "
-               "@p cp.async.bulk.prefetch.L2.global.L2::cache_hint [$1], $2, pol; mov.u32 $0, 0; }")
-    else:
-        asm = "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }"
-    return tl.inline_asm_elementwise(asm, "=r,l,r", [ptr, nbytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_kv(k_ptr, v_ptr, lengths_ptr, ROWS, KV, row_elems, slot_elems,
-                 CHUNK: tl.constexpr, LANES: tl.constexpr, EVICT_LAST: tl.constexpr):
-    """This program's share of the used slots (``lengths[b]`` of each (b, KV head) row) of a
-    (b, KV, slots, d) cache's keys and values, LANES chunks of CHUNK elements, asked of L2."""
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    per_row = tl.cdiv(row_elems, CHUNK)
-    chunk = pid * LANES + tl.arange(0, LANES)
-    row = chunk // per_row
-    start = (chunk % per_row) * CHUNK
-    used = tl.load(lengths_ptr + row // KV, mask=row < ROWS, other=0).to(tl.int32) * slot_elems
-    nbytes = tl.maximum(tl.minimum(used - start, CHUNK), 0) * (k_ptr.dtype.element_ty.primitive_bitwidth // 8)
-    offset = row.to(tl.int64) * row_elems + start
-    _bulk_prefetch(k_ptr + offset, nbytes, EVICT_LAST)
-    _bulk_prefetch(v_ptr + offset, nbytes, EVICT_LAST)
-
-
-@triton.jit
 def _norm_gemv_kernel(
-    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr, pf_k_ptr, pf_v_ptr, pf_lengths_ptr, PF_ROWS, PF_KV, pf_row_elems,
-    pf_slot_elems, N, K, eps, s_xm, s_wn, s_om,
+    x_ptr, nw_ptr, w_ptr, w2_ptr, bias_ptr, out_ptr,
+    N, K, eps, s_xm, s_wn, s_om,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, SWIGLU: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr, EVICT: tl.constexpr, PREFETCH: tl.constexpr,
-    PF_CHUNK: tl.constexpr, PF_LANES: tl.constexpr, PF_EVICT_LAST: tl.constexpr,
+    BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr,
 ):
-    """K in one power-of-two piece, or two (BLOCK_K + BLOCK_K2 >= K: 576 = 512 + 64) so that few lanes idle.
-    With PREFETCH the programs first ask L2 for a KV cache (:func:`_prefetch_kv`)."""
+    """K in one power-of-two piece, or two (BLOCK_K + BLOCK_K2 >= K: 576 = 512 + 64) so that few lanes idle."""
     if USE_PDL:
         gdc_launch_dependents()
-    if PREFETCH:
-        _prefetch_kv(pf_k_ptr, pf_v_ptr, pf_lengths_ptr, PF_ROWS, PF_KV, pf_row_elems, pf_slot_elems,
-                     PF_CHUNK, PF_LANES, PF_EVICT_LAST)
     pid = tl.program_id(0)
     x_ptr += tl.program_id(1) * M * s_xm  # this program's rows
     out_ptr += tl.program_id(1) * M * s_om
@@ -295,9 +234,9 @@ def _norm_gemv_kernel(
     offs_k2 = BLOCK_K + tl.arange(0, max(BLOCK_K2, 1))
     mask_n = offs_n < N
     dtype = w_ptr.dtype.element_ty
-    w, wb = _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2, EVICT)
+    w, wb = _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2)
     if SWIGLU:
-        u, ub = _load_weight_pieces(w2_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2, EVICT)
+        u, ub = _load_weight_pieces(w2_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2)
     nw, nwb = _load_row_pieces(nw_ptr, offs_k, offs_k2, K, BLOCK_K2)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -326,7 +265,7 @@ def _gemv_residual_kernel(
     a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     N, K, s_am, s_wn, s_rm, s_om,
     M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
-    USE_PDL: tl.constexpr, EVICT: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -339,7 +278,7 @@ def _gemv_residual_kernel(
     offs_k2 = BLOCK_K + tl.arange(0, max(BLOCK_K2, 1))
     mask_n = offs_n < N
     dtype = w_ptr.dtype.element_ty
-    w, wb = _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2, EVICT)
+    w, wb = _load_weight_pieces(w_ptr, offs_n, offs_k, offs_k2, N, K, s_wn, BLOCK_K2)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     if USE_PDL:
@@ -394,44 +333,24 @@ def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int, i
     return block_n, padded // 2, second, warps
 
 
-def _prefetch_args(prefetch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], programs: int) -> tuple[tuple, int]:
-    """The prefetch arguments of :func:`_norm_gemv_kernel` for a (keys, values, lengths) cache, and
-    the chunks per program (a power of two) that spread it over ``programs``."""
-    keys, values, lengths = prefetch
-    if not (keys.is_contiguous() and values.is_contiguous() and keys.shape == values.shape and keys.dim() == 4):
-        raise ValueError("prefetch needs contiguous (b, kv, slots, d) keys and values of one shape")
-    b, kv, slots, d = keys.shape
-    chunks = b * kv * triton.cdiv(slots * d, PREFETCH_CHUNK)
-    lanes = triton.next_power_of_2(triton.cdiv(chunks, programs))
-    return (keys, values, lengths, b * kv, kv, slots * d, d), lanes
-
-
 def _block_n(n: int) -> int:
     return 16 if n <= 4096 else 64
 
 
 def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
-                bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None,
-                prefetch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """``RMSNorm(x) @ weight.T (+ bias)`` for x (M, K); with ``up_weight`` the SwiGLU ``silu(g) * u``.
-
-    ``prefetch``: (keys, values, lengths) of a contiguous (b, kv, slots, d) KV cache whose used
-    slots the GEMV's programs ask L2 for on the side, where :func:`kv_prefetch` allows it.
-    """
+                bias: torch.Tensor | None = None, up_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """``RMSNorm(x) @ weight.T (+ bias)`` for x (M, K); with ``up_weight`` the SwiGLU ``silu(g) * u``."""
     m, k = x.shape
     n = weight.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, block_k2, warps = _gemv_config(n, k, weight)
         grid, rows = _gemv_grid(m, n, weight, block_n)
-        pf = _prefetch_args(prefetch, grid[0] * grid[1]) if prefetch is not None and kv_prefetch() else None
         _norm_gemv_kernel[grid](
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
-            out, *(pf[0] if pf else (weight, weight, weight, 0, 1, 0, 0)), n, k, eps, x.stride(0), weight.stride(0),
-            out.stride(0), M=rows, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n,
-            BLOCK_K=block_k, BLOCK_K2=block_k2, USE_PDL=_pdl(), EVICT=WEIGHT_EVICTION, PREFETCH=pf is not None,
-            PF_CHUNK=PREFETCH_CHUNK, PF_LANES=pf[1] if pf else 1, PF_EVICT_LAST=PREFETCH_EVICT_LAST,
-            launch_pdl=_pdl(), num_warps=warps,
+            out, n, k, eps, x.stride(0), weight.stride(0), out.stride(0),
+            M=rows, HAS_BIAS=bias is not None, SWIGLU=up_weight is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+            BLOCK_K2=block_k2, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
         )
         return out
     block_n = _block_n(n)
@@ -457,7 +376,7 @@ def linear_residual(a: torch.Tensor, weight: torch.Tensor, residual: torch.Tenso
             a, weight, bias if bias is not None else weight, residual, out,
             n, k, a.stride(0), weight.stride(0), residual.stride(0), out.stride(0),
             M=rows, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2,
-            USE_PDL=_pdl(), EVICT=WEIGHT_EVICTION, launch_pdl=_pdl(), num_warps=warps,
+            USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
         )
         return out
     block_n = _block_n(n)
