@@ -3,7 +3,9 @@
 SmolLM2's head (49152 × 576 bf16, 56.6 MB, more than L2 holds) applied to one normalised row, in
 a CUDA graph of ``--chain`` back-to-back calls (PDL on, as in a decoding step). Each ``--variant``
 sets :mod:`pipeline.ops.fused_decode` attributes as in ``fused_variants.py``; ``max |diff|`` is each
-variant's output against the first variant's on the same inputs (0 means bit for bit).
+variant's output against the first variant's on the same inputs (0 means bit for bit);
+``block = rows`` whether a block of 5 rows gives each row exactly what the row alone gets (as a
+speculative verification block must, for greedy speculation to stay lossless).
 
     python benchmarks/head_gemv.py --variant default --variant HEAD_STREAM=4
 """
@@ -40,7 +42,8 @@ def main() -> int:
     megabytes = weights[0].numel() * weights[0].element_size() / 1e6
     defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
     reference = None
-    print(f"{'variant':<40} {'us/call':>8} {'TB/s':>6} {'max |diff|':>11}")
+    rows = torch.randn(5, args.hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
+    print(f"{'variant':<40} {'us/call':>8} {'TB/s':>6} {'max |diff|':>11} {'block = rows':>10}")
     for spec in args.variant or ["default"]:
         for name, value in {**defaults, **parse_variant(spec)}.items():
             setattr(fused_decode, name, value)
@@ -49,8 +52,10 @@ def main() -> int:
             reference = out if reference is None else reference
             graph = captured(lambda: [fused_decode.norm_linear(x, norm_w, 1e-5, weights[i % 2]) for i in range(args.chain)])
             us = timed(graph.replay, args.replays)[1] / args.chain
+            block = fused_decode.norm_linear(rows, norm_w, 1e-5, weights[0])
+            alone = torch.cat([fused_decode.norm_linear(rows[i : i + 1], norm_w, 1e-5, weights[0]) for i in range(len(rows))])
         diff = (out - reference).abs().max().item()
-        print(f"{spec:<40} {us:8.2f} {megabytes / us / 1e6:6.2f} {diff:11.2e}", flush=True)
+        print(f"{spec:<40} {us:8.2f} {megabytes / us:6.2f} {diff:11.2e} {str(torch.equal(block, alone)):>10}", flush=True)
     return 0
 
 

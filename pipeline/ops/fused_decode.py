@@ -262,12 +262,14 @@ def _norm_gemv_kernel(
 
 @triton.jit
 def _norm_gemv_stream_kernel(
-    x_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, N, K, eps, s_wn,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr,
+    x_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, N, K, eps, s_xm, s_wn, s_om,
+    M: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_K2: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
-    """:func:`_norm_gemv_kernel` for one row over a large weight (the LM head): a few programs per
-    SM walk its tiles of BLOCK_N rows, each loading its next tile while it reduces the current one.
-    A tile's arithmetic is the one-program kernel's (same tile, warps and reductions), bit for bit."""
+    """:func:`_norm_gemv_kernel` over a large weight (the LM head): a few programs per SM walk its
+    tiles of BLOCK_N rows, each loading its next tile while it reduces the current one for the M
+    rows. A row is normalised again at every tile (from L1; it overlaps the next tile's load), so
+    that one code path serves one row and a block of rows alike."""
     if USE_PDL:
         gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -280,23 +282,25 @@ def _norm_gemv_stream_kernel(
     nw, nwb = _load_row_pieces(nw_ptr, offs_k, offs_k2, K, BLOCK_K2)
     if USE_PDL:
         gdc_wait()
-    x, xb = _load_row_pieces(x_ptr, offs_k, offs_k2, K, BLOCK_K2)
-    sumsq = tl.sum(x * x, axis=0)
-    if BLOCK_K2 > 0:
-        sumsq += tl.sum(xb * xb, axis=0)
-    rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-    xn = _rms_scale(x, rstd, nw, dtype)
-    xnb = xn
-    if BLOCK_K2 > 0:
-        xnb = _rms_scale(xb, rstd, nwb, dtype)
     for tile in range(start, N, stride):
         w_next, wb_next = _load_weight_pieces(w_ptr, tile + stride + tl.arange(0, BLOCK_N), offs_k, offs_k2, N, K, s_wn,
                                               BLOCK_K2)
         offs_n = tile + tl.arange(0, BLOCK_N)
-        acc = _dot_pieces(w, wb, xn, xnb, BLOCK_K2)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs_n, acc.to(out_ptr.dtype.element_ty), mask=offs_n < N)
+        mask_n = offs_n < N
+        for m in tl.static_range(M):
+            x, xb = _load_row_pieces(x_ptr + m * s_xm, offs_k, offs_k2, K, BLOCK_K2)
+            sumsq = tl.sum(x * x, axis=0)
+            if BLOCK_K2 > 0:
+                sumsq += tl.sum(xb * xb, axis=0)
+            rstd = 1.0 / tl.sqrt(sumsq / K + eps)
+            xn = _rms_scale(x, rstd, nw, dtype)
+            xnb = xn
+            if BLOCK_K2 > 0:
+                xnb = _rms_scale(xb, rstd, nwb, dtype)
+            acc = _dot_pieces(w, wb, xn, xnb, BLOCK_K2)
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + m * s_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
         w, wb = w_next, wb_next
 
 
@@ -395,12 +399,12 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, block_k2, warps = _gemv_config(n, k, weight)
-        if HEAD_STREAM and m == 1 and up_weight is None and _large(weight):
+        if HEAD_STREAM and up_weight is None and _large(weight):
             programs = min(triton.cdiv(n, block_n), HEAD_STREAM * _sm_count(x.device))
             _norm_gemv_stream_kernel[(programs,)](
-                x, norm_weight, weight, bias if bias is not None else weight, out, n, k, eps, weight.stride(0),
-                HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_K2=block_k2, USE_PDL=_pdl(),
-                launch_pdl=_pdl(), num_warps=warps,
+                x, norm_weight, weight, bias if bias is not None else weight, out, n, k, eps, x.stride(0),
+                weight.stride(0), out.stride(0), M=m, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
+                BLOCK_K2=block_k2, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
             )
             return out
         grid, rows = _gemv_grid(m, n, weight, block_n)
