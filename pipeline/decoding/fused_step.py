@@ -76,9 +76,6 @@ class FusedStep:
         self.inv_freq = rotary.inv_freq.float().contiguous()
         self.rope_scale = float(getattr(rotary, "attention_scaling", 1.0))
         self.splits = fused_decode.attention_splits(cache.max_length)
-        # the attention's split-arrival counters, one per (row, KV head): zero between launches
-        self.arrivals = torch.zeros(cache.lengths.shape[0] * model.config.num_key_value_heads, dtype=torch.int32,
-                                    device=cache.lengths.device)
         self.mamba1 = getattr(model.config, "mixer_type", None) == "mamba1"
         # joint input projections: q/k/v of attention layers, Mamba1's five (Mamba2 has one already)
         self.joint: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -106,7 +103,7 @@ class FusedStep:
                 attn, (weight, bias) = layer.self_attn, self.joint[i]
                 qkv = ops.norm_linear(hidden, norm.weight, norm.variance_epsilon, weight, bias)
                 out = ops.attention(qkv, cache.keys[i], cache.values[i], cache.lengths, self.inv_freq, self.rope_scale,
-                                    attn.scaling, attn.num_heads, b, t, window, self.splits, self.arrivals)
+                                    attn.scaling, attn.num_heads, b, t, window, self.splits)
                 out_proj = attn.o_proj
             else:
                 mixer = layer.mamba

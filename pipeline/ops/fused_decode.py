@@ -365,7 +365,7 @@ GEMV_WIDE_MIN_ROWS = 900
 GEMV_SPLIT_K = True
 # Experiment: one row over a large weight (the head) by HEAD_STREAM programs per SM that walk its
 # tiles (:func:`_norm_gemv_stream_kernel`); 0 keeps one program per tile.
-HEAD_STREAM = 12
+HEAD_STREAM = 0
 
 
 @functools.cache
@@ -803,12 +803,11 @@ def _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDO
 
 @triton.jit
 def _attention_kernel(
-    qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr, arrived_ptr,
+    qkv_ptr, k_cache_ptr, v_cache_ptr, lengths_ptr, inv_freq_ptr, out_ptr, part_acc_ptr, part_ml_ptr,
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, MERGE_LAST: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -903,31 +902,6 @@ def _attention_kernel(
         pml = part_ml_ptr + split * s_pml_s + row * s_pml_m + head_r * 2
         tl.store(pml, m_i, mask=valid_r)
         tl.store(pml + 1, l_i, mask=valid_r)
-        if MERGE_LAST:  # the (row, KV head)'s last split to arrive merges them all (no second kernel)
-            tl.debug_barrier()  # every warp's stores are issued before the arrival below releases them
-            arrived = tl.atomic_add(arrived_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLITS - 1:
-                tl.store(arrived_ptr + pid, 0)  # for the next launch (which starts after this one ends)
-                for r in tl.static_range(ROWS):
-                    _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, b * T + r % T, kvh * REP + r // T, SPLITS,
-                                  s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om, offs_d, D, BLOCK_S)
-
-
-@triton.jit
-def _merge_splits(part_acc_ptr, part_ml_ptr, out_ptr, row, head, SPLITS, s_pa_s, s_pa_m, s_pml_s, s_pml_m, s_om, offs_d,
-                  D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """One (row, query head)'s output from its key splits' partial sums, read past L1 (other
-    programs wrote them)."""
-    offs_s = tl.arange(0, BLOCK_S)
-    mask_s = offs_s < SPLITS
-    ml = part_ml_ptr + offs_s * s_pml_s + row * s_pml_m + head * 2
-    m = tl.load(ml, mask=mask_s, other=-1.0e30, cache_modifier=".cg")
-    l = tl.load(ml + 1, mask=mask_s, other=0.0, cache_modifier=".cg")
-    weight = tl.exp(m - tl.max(m, axis=0))
-    acc = tl.load(part_acc_ptr + offs_s[:, None] * s_pa_s + row * s_pa_m + head * D + offs_d[None, :],
-                  mask=mask_s[:, None], other=0.0, cache_modifier=".cg")
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.sum(l * weight, axis=0)
-    tl.store(out_ptr + row * s_om + head * D + offs_d, out.to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -978,9 +952,6 @@ ATTENTION_STAGES = 1
 COMBINE = (1, 4)
 COMBINE_LONG = (4, 1)
 COMBINE_LONG_MIN_SPLITS = 32
-# Experiment: the last key split of a (row, KV head) to finish merges the splits (an arrival
-# counter, as greedy_advance's argmax), instead of the merge kernel and its launch.
-ATTENTION_MERGE_LAST = False
 
 
 def attention_splits(max_length: int) -> tuple[int, int]:
@@ -1008,13 +979,11 @@ def _attention_tile(split_len: int) -> int:
 
 def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
               inv_freq: torch.Tensor, rope_scale: float, scale: float, num_heads: int, batch: int, tokens: int,
-              sliding_window: int | None, splits: tuple[int, int], arrivals: torch.Tensor | None = None) -> torch.Tensor:
+              sliding_window: int | None, splits: tuple[int, int]) -> torch.Tensor:
     """Attention of a block: ``qkv`` (b·T, (h + 2·kv)·d) un-rotated → output (b·T, h·d); writes the KV cache.
 
     ``keys``/``values`` (b, kv, max_length, d): the block's token ``t`` of row ``r`` goes to slot
-    ``lengths[r] + t`` and attends to slots up to its own. ``arrivals``: a zeroed int32 counter per
-    (row, KV head), kept by the caller across calls (each launch leaves it zeroed); with it and
-    ATTENTION_MERGE_LAST the last key split of a (row, KV head) merges the splits itself.
+    ``lengths[r] + t`` and attends to slots up to its own.
     """
     kv_heads, d = keys.shape[1], keys.shape[-1]
     rep = num_heads // kv_heads
@@ -1025,20 +994,16 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_ml = torch.empty(n_splits, qkv.shape[0], num_heads * 2, device=qkv.device, dtype=torch.float32)
     else:
         part_acc = part_ml = out
-    merge_last = ATTENTION_MERGE_LAST and arrivals is not None and n_splits > 1
-    if merge_last and (arrivals.numel() < batch * kv_heads or arrivals.dtype != torch.int32):
-        raise ValueError(f"arrivals must be int32 with at least {batch * kv_heads} counters")
     _attention_kernel[(batch * kv_heads, n_splits)](
-        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml, arrivals if merge_last else lengths,
+        qkv, keys, values, lengths, inv_freq, out, part_acc, part_ml,
         kv_heads, rep, split_len, sliding_window or 0, scale, rope_scale,
         qkv.stride(0), keys.stride(0), keys.stride(1), keys.stride(2), out.stride(0),
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), MERGE_LAST=merge_last, ROWS=rep * tokens, BLOCK_S=triton.next_power_of_2(n_splits),
-        launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
     )
-    if n_splits > 1 and not merge_last:
+    if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
         block_d = max(1, d // pieces)
         _attention_combine_kernel[(qkv.shape[0] * num_heads, d // block_d)](
