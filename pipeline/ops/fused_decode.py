@@ -365,7 +365,7 @@ GEMV_WIDE_MIN_ROWS = 900
 GEMV_SPLIT_K = True
 # Experiment: one row over a large weight (the head) by HEAD_STREAM programs per SM that walk its
 # tiles (:func:`_norm_gemv_stream_kernel`); 0 keeps one program per tile.
-HEAD_STREAM = 0
+HEAD_STREAM = 12
 
 
 @functools.cache
