@@ -807,7 +807,7 @@ def _attention_kernel(
     KV_HEADS, REP, SPLIT_LEN, WINDOW, scale, rope_scale,
     s_qm, s_cb, s_ch, s_cl, s_om, s_pa_s, s_pa_m, s_pml_s, s_pml_m,
     T: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SPLITS: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr, EARLY_SECOND: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
     if USE_PDL:
         gdc_launch_dependents()
@@ -876,11 +876,6 @@ def _attention_kernel(
     block_slots = ((slots >= pos0) & (slots < end))[:, None]
     keys = tl.load(k_cache_ptr + tile_ptrs, mask=block_slots, other=keys)
     values = tl.load(v_cache_ptr + tile_ptrs, mask=block_slots, other=values)
-    if EARLY_SECOND:  # the second tile's loads go out before the first tile's arithmetic
-        second = lo + BLOCK_L + tl.arange(0, BLOCK_L)
-        second_ptrs = cache_base + second[:, None] * s_cl + offs_d[None, :]
-        second_keys = tl.load(k_cache_ptr + second_ptrs, mask=(second < end)[:, None], other=0.0)
-        second_values = tl.load(v_cache_ptr + second_ptrs, mask=(second < end)[:, None], other=0.0)
 
     q = _rotate(q, q_partner, offs_d, cos_r, sin_r, dtype, D)
 
@@ -888,13 +883,7 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_R], dtype=tl.float32)
     acc = tl.zeros([BLOCK_R, D], dtype=tl.float32)
     m_i, l_i, acc = _attend_tile(q, keys, values, slots, end, pos_r, m_i, l_i, acc, scale, WINDOW, HAS_WINDOW, PRECISION)
-    first_later = lo + BLOCK_L
-    if EARLY_SECOND:
-        if lo + BLOCK_L < end:
-            m_i, l_i, acc = _attend_tile(q, second_keys, second_values, second, end, pos_r, m_i, l_i, acc, scale, WINDOW,
-                                         HAS_WINDOW, PRECISION)
-        first_later = lo + 2 * BLOCK_L
-    for l0 in range(first_later, end, BLOCK_L):
+    for l0 in range(lo + BLOCK_L, end, BLOCK_L):
         later = l0 + tl.arange(0, BLOCK_L)
         later_ptrs = cache_base + later[:, None] * s_cl + offs_d[None, :]
         later_keys = tl.load(k_cache_ptr + later_ptrs, mask=(later < end)[:, None], other=0.0)
@@ -956,9 +945,6 @@ ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # greedy loop at p16k (fused_variants.py --loop) 418.1-419.7 -> 414.8 us a token in one call, and
 # 413.4-417.6 -> 413.4-414.4 in another (reports/gpu/fourteenth-2026-11-26).
 ATTENTION_STAGES = 1
-# Experiment: a split of several tiles issues its second tile's loads right after the cache write,
-# before the first tile's arithmetic (registers for one more tile).
-ATTENTION_EARLY_SECOND = False
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
 # programs, each reading fewer partials (benchmarks/fused_variants.py, 50% hybrid, H100, 65 splits at
@@ -1015,8 +1001,7 @@ def attention(qkv: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, lengt
         part_acc.stride(0), part_acc.stride(1), part_ml.stride(0), part_ml.stride(1),
         T=tokens, D=d, BLOCK_R=max(16, triton.next_power_of_2(rep * tokens)), BLOCK_L=_attention_tile(split_len),
         SPLITS=n_splits, HAS_WINDOW=sliding_window is not None, PRECISION=_precision(keys.dtype),
-        USE_PDL=_pdl(), EARLY_SECOND=ATTENTION_EARLY_SECOND and split_len > _attention_tile(split_len),
-        launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
+        USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=ATTENTION_WARPS, num_stages=ATTENTION_STAGES,
     )
     if n_splits > 1:
         pieces, warps = COMBINE_LONG if n_splits >= COMBINE_LONG_MIN_SPLITS else COMBINE
