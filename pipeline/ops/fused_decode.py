@@ -363,8 +363,12 @@ GEMV_LARGE = (8192, 4)
 GEMV_WIDE = (2048, 1)
 GEMV_WIDE_MIN_ROWS = 900
 GEMV_SPLIT_K = True
-# Experiment: one row over a large weight (the head) by HEAD_STREAM programs per SM that walk its
-# tiles (:func:`_norm_gemv_stream_kernel`); 0 keeps one program per tile.
+# Large weights (the head) without SwiGLU: HEAD_STREAM programs per SM walk the tiles, each loading
+# its next tile while it reduces the current one (:func:`_norm_gemv_stream_kernel`); 0 gives one
+# program per tile (6,144 for SmolLM2's head, about three waves). Measured on an H100
+# (reports/gpu/fifteenth-2026-11-26): the head alone (benchmarks/head_gemv.py) 24.6 -> 19.6 us
+# (2.3 -> 2.9 TB/s; 4 / 8 / 16 per SM: 21.4 / 21.1 / 19.7); the 50% hybrid's greedy loop
+# (fused_variants.py --loop) p16k 411-413 -> 407 us, p512 330-331 -> 325.
 HEAD_STREAM = 12
 
 
