@@ -369,7 +369,7 @@ GEMV_SPLIT_K = True
 # (reports/gpu/fifteenth-2026-11-26): the head alone (benchmarks/head_gemv.py) 24.6 -> 19.6 us
 # (2.3 -> 2.9 TB/s; 4 / 8 / 16 per SM: 21.4 / 21.1 / 19.7); the 50% hybrid's greedy loop
 # (fused_variants.py --loop) p16k 411-413 -> 407 us, p512 330-331 -> 325.
-HEAD_STREAM = 12
+HEAD_STREAM = 0
 
 
 @functools.cache
