@@ -7,7 +7,7 @@ variant's output against the first variant's on the same inputs (0 means bit for
 ``block = rows`` whether a block of 5 rows gives each row exactly what the row alone gets (as a
 speculative verification block must, for greedy speculation to stay lossless).
 
-    python benchmarks/head_gemv.py --variant default --variant HEAD_STREAM=4
+    python benchmarks/head_gemv.py --variant default --variant "GEMV_LARGE=(16384,8)"
 """
 
 from __future__ import annotations

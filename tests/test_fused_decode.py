@@ -312,31 +312,6 @@ def test_block_rows_get_their_own_gemv_programs_except_for_large_weights():
     assert _gemv_grid(5, 49152, head, 8) == ((6144, 1), 5)  # one program walks all five rows
 
 
-@pytest.mark.parametrize("rows", [1, 3])
-def test_streamed_head_gemv_equals_one_program_per_tile(rows, monkeypatch):
-    """The head's GEMV walked by a few programs (HEAD_STREAM, each loading its next tile while it
-    reduces the current one) gives what one program per tile gives, for one row and a block of
-    rows, with a bias and a row count that leaves the programs uneven tile counts and a ragged last
-    tile; a block's rows equal the rows alone (what keeps greedy speculation lossless)."""
-    from pipeline.ops import fused_decode
-
-    monkeypatch.setattr(fused_decode, "ROW_PROGRAMS_MAX_BYTES", 0)  # every weight counts as large here
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(rows, 96, generator=gen)
-    norm_w = torch.rand(96, generator=gen) + 0.5
-    weight = torch.randn(1003, 96, generator=gen) * 0.1  # 1003 rows: 126 tiles of 8, the last one ragged
-    bias = torch.randn(1003, generator=gen)
-    monkeypatch.setattr(fused_decode, "HEAD_STREAM", 0)
-    per_tile = fused_decode.norm_linear(x, norm_w, 1e-5, weight, bias)
-    monkeypatch.setattr(fused_decode, "HEAD_STREAM", 3)  # 12 programs under the interpreter (4 "SMs")
-    streamed = fused_decode.norm_linear(x, norm_w, 1e-5, weight, bias)
-    alone = torch.cat([fused_decode.norm_linear(x[i : i + 1], norm_w, 1e-5, weight, bias) for i in range(rows)])
-    expected = torch.nn.functional.rms_norm(x, (96,), norm_w, 1e-5) @ weight.T + bias
-    assert torch.allclose(streamed, expected, atol=1e-5, rtol=1e-5)
-    assert torch.equal(streamed, per_tile)
-    assert torch.equal(streamed, alone)
-
-
 def test_gemv_settings_split_k_and_scale_warps_with_row_width():
     """SmolLM2's measured settings (one warp, K = 576 as 512 + 64; two rows per program from 900 rows
     up, one below); a power-of-two K is not split; wider rows (an 8B teacher's K = 14336) get more

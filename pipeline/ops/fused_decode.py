@@ -261,55 +261,6 @@ def _norm_gemv_kernel(
 
 
 @triton.jit
-def _norm_gemv_stream_kernel(
-    x_ptr, nw_ptr, w_ptr, bias_ptr, out_ptr, N, K, eps, s_xm, s_wn, s_om,
-    M: tl.constexpr, ROWS_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_K2: tl.constexpr, USE_PDL: tl.constexpr,
-):
-    """:func:`_norm_gemv_kernel` over a large weight (the LM head): a few programs per SM walk its
-    tiles of BLOCK_N rows, each loading its next tile while it reduces the current one. The M rows
-    are normalised once, kept as one (rows, K) tensor and taken out of it exactly (a masked sum of
-    one value and zeros) at each tile, so one row and a block of rows run the same arithmetic."""
-    if USE_PDL:
-        gdc_launch_dependents()
-    pid = tl.program_id(0)
-    stride = tl.num_programs(0) * BLOCK_N
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_k2 = BLOCK_K + tl.arange(0, max(BLOCK_K2, 1))
-    offs_m = tl.arange(0, ROWS_PAD)
-    dtype = w_ptr.dtype.element_ty
-    start = pid * BLOCK_N
-    w, wb = _load_weight_pieces(w_ptr, start + tl.arange(0, BLOCK_N), offs_k, offs_k2, N, K, s_wn, BLOCK_K2)
-    nw, nwb = _load_row_pieces(nw_ptr, offs_k, offs_k2, K, BLOCK_K2)
-    if USE_PDL:
-        gdc_wait()
-    rows = tl.zeros([ROWS_PAD, BLOCK_K], dtype=tl.float32)
-    rows_b = tl.zeros([ROWS_PAD, max(BLOCK_K2, 1)], dtype=tl.float32)
-    for m in tl.static_range(M):
-        x, xb = _load_row_pieces(x_ptr + m * s_xm, offs_k, offs_k2, K, BLOCK_K2)
-        sumsq = tl.sum(x * x, axis=0)
-        if BLOCK_K2 > 0:
-            sumsq += tl.sum(xb * xb, axis=0)
-        rstd = 1.0 / tl.sqrt(sumsq / K + eps)
-        rows = tl.where((offs_m == m)[:, None], _rms_scale(x, rstd, nw, dtype)[None, :], rows)
-        if BLOCK_K2 > 0:
-            rows_b = tl.where((offs_m == m)[:, None], _rms_scale(xb, rstd, nwb, dtype)[None, :], rows_b)
-    for tile in range(start, N, stride):
-        w_next, wb_next = _load_weight_pieces(w_ptr, tile + stride + tl.arange(0, BLOCK_N), offs_k, offs_k2, N, K, s_wn,
-                                              BLOCK_K2)
-        offs_n = tile + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        for m in tl.static_range(M):
-            xn = tl.sum(tl.where((offs_m == m)[:, None], rows, 0.0), axis=0)
-            xnb = tl.sum(tl.where((offs_m == m)[:, None], rows_b, 0.0), axis=0)
-            acc = _dot_pieces(w, wb, xn, xnb, BLOCK_K2)
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            tl.store(out_ptr + m * s_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=mask_n)
-        w, wb = w_next, wb_next
-
-
-@triton.jit
 def _gemv_residual_kernel(
     a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr,
     N, K, s_am, s_wn, s_rm, s_om,
@@ -363,20 +314,6 @@ GEMV_LARGE = (8192, 4)
 GEMV_WIDE = (2048, 1)
 GEMV_WIDE_MIN_ROWS = 900
 GEMV_SPLIT_K = True
-# Large weights (the head) without SwiGLU: HEAD_STREAM programs per SM walk the tiles, each loading
-# its next tile while it reduces the current one (:func:`_norm_gemv_stream_kernel`); 0 gives one
-# program per tile (6,144 for SmolLM2's head, about three waves). Measured on an H100
-# (reports/gpu/fifteenth-2026-11-26): the head alone (benchmarks/head_gemv.py) 24.6 -> 19.6 us
-# (2.3 -> 2.9 TB/s; 4 / 8 / 16 per SM: 21.4 / 21.1 / 19.7); the 50% hybrid's greedy loop
-# (fused_variants.py --loop) p16k 411-413 -> 407 us, p512 330-331 -> 325.
-HEAD_STREAM = 0
-
-
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: a few programs, each walking several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _gemv_config(n: int, k: int, weight: torch.Tensor) -> tuple[int, int, int, int]:
@@ -408,14 +345,6 @@ def norm_linear(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: 
     out = torch.empty(m, n, device=x.device, dtype=weight.dtype)
     if m <= GEMV_MAX_ROWS:
         block_n, block_k, block_k2, warps = _gemv_config(n, k, weight)
-        if HEAD_STREAM and up_weight is None and _large(weight):
-            programs = min(triton.cdiv(n, block_n), HEAD_STREAM * _sm_count(x.device))
-            _norm_gemv_stream_kernel[(programs,)](
-                x, norm_weight, weight, bias if bias is not None else weight, out, n, k, eps, x.stride(0),
-                weight.stride(0), out.stride(0), M=m, ROWS_PAD=triton.next_power_of_2(m), HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k,
-                BLOCK_K2=block_k2, USE_PDL=_pdl(), launch_pdl=_pdl(), num_warps=warps,
-            )
-            return out
         grid, rows = _gemv_grid(m, n, weight, block_n)
         _norm_gemv_kernel[grid](
             x, norm_weight, weight, up_weight if up_weight is not None else weight, bias if bias is not None else weight,
