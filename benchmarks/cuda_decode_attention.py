@@ -10,6 +10,8 @@ times a CUDA kernel of another shape on the same problem:
   score is 8 FMAs and 3 shuffles per query row, and all of a KV head's query rows share each key;
 * every key group keeps its own online-softmax state (no barrier in the loop), merged once at the
   end by shuffles and one shared-memory step;
+* ``--preload K``: a lane loads all K of its keys and values before the grid wait, so they are in
+  flight together (splits of at most 16·K keys);
 * it writes the Triton kernel's partial sums (``part_acc``, ``part_ml``), so the Triton split merge
   (``_attention_combine_kernel``) finishes it, and both are launched with PDL.
 
@@ -21,6 +23,7 @@ merge, and the CUDA result's error against a float64 reference.
 Needs nvcc and ninja on the GPU machine (torch.utils.cpp_extension.load_inline).
 
     python benchmarks/cuda_decode_attention.py --keys 528,4112,16400 --layers 15
+    python benchmarks/cuda_decode_attention.py --keys 16400 --split-len 128 --preload 8
 """
 
 from __future__ import annotations
@@ -140,8 +143,110 @@ __global__ void __launch_bounds__(128) decode_attention_kernel(
   }
 }
 
+// The same, with every key and value of a lane's share (KPL keys) loaded before the grid wait, so
+// that a lane's loads are all in flight at once instead of a few iterations' worth.
+template <int REP, int KPL>
+__global__ void __launch_bounds__(128) decode_attention_preload_kernel(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
+    int length, int split_len, long long s_head, float scale_log2,
+    float* __restrict__ part_acc, float* __restrict__ part_ml, int hq, long long s_pa, long long s_pml) {
+  constexpr int D = 64;
+  const int kvh = blockIdx.x, split = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane >> 3, part = lane & 7;
+  const int lo = split * split_len, hi = min(lo + split_len, length);
+  const __nv_bfloat16* kbase = kc + kvh * s_head + part * 8;
+  const __nv_bfloat16* vbase = vc + kvh * s_head + part * 8;
+  asm volatile("griddepcontrol.launch_dependents;");
+  uint4 kr[KPL], vr[KPL];
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const int key = lo + warp * 4 + slot + 16 * i;
+    kr[i] = key < hi ? __ldg(reinterpret_cast<const uint4*>(kbase + (long long)key * D)) : make_uint4(0, 0, 0, 0);
+    vr[i] = key < hi ? __ldg(reinterpret_cast<const uint4*>(vbase + (long long)key * D)) : make_uint4(0, 0, 0, 0);
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  float qv[REP][8];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    uint4 raw = *reinterpret_cast<const uint4*>(q + (kvh * REP + r) * D + part * 8);
+    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) qv[r][j] = __bfloat162float(h[j]) * scale_log2;
+  }
+  float m[REP], l[REP], acc[REP][8];
+#pragma unroll
+  for (int r = 0; r < REP; ++r) {
+    m[r] = -1e30f; l[r] = 0.f;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[r][j] = 0.f;
+  }
+#pragma unroll
+  for (int i = 0; i < KPL; ++i) {
+    const bool ok = lo + warp * 4 + slot + 16 * i < hi;
+    const __nv_bfloat16* kh = reinterpret_cast<const __nv_bfloat16*>(&kr[i]);
+    const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vr[i]);
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      float s = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s = fmaf(qv[r][j], __bfloat162float(kh[j]), s);
+      s += __shfl_xor_sync(0xffffffff, s, 1);
+      s += __shfl_xor_sync(0xffffffff, s, 2);
+      s += __shfl_xor_sync(0xffffffff, s, 4);
+      s = ok ? s : -INFINITY;
+      const float m_new = fmaxf(m[r], s);
+      const float alpha = exp2f(m[r] - m_new), p = exp2f(s - m_new);
+      l[r] = l[r] * alpha + p;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r][j] = fmaf(p, __bfloat162float(vh[j]), acc[r][j] * alpha);
+      m[r] = m_new;
+    }
+  }
+#pragma unroll
+  for (int off = 8; off <= 16; off <<= 1) {
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      const float m_o = __shfl_xor_sync(0xffffffff, m[r], off), l_o = __shfl_xor_sync(0xffffffff, l[r], off);
+      const float m_new = fmaxf(m[r], m_o), a = exp2f(m[r] - m_new), b = exp2f(m_o - m_new);
+      l[r] = l[r] * a + l_o * b;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r][j] = acc[r][j] * a + __shfl_xor_sync(0xffffffff, acc[r][j], off) * b;
+      m[r] = m_new;
+    }
+  }
+  __shared__ float s_m[4][REP], s_l[4][REP], s_acc[4][REP][D];
+  if (slot == 0) {
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j) s_acc[warp][r][part * 8 + j] = acc[r][j];
+      if (part == 0) { s_m[warp][r] = m[r]; s_l[warp][r] = l[r]; }
+    }
+  }
+  __syncthreads();
+  const float ln2 = 0.69314718055994530942f;
+  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float mm = s_m[0][r];
+    for (int w = 1; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
+    float ll = 0.f, aa = 0.f;
+    for (int w = 0; w < 4; ++w) {
+      const float e = exp2f(s_m[w][r] - mm);
+      ll += s_l[w][r] * e;
+      aa += s_acc[w][r][d] * e;
+    }
+    const int head = kvh * REP + r;
+    part_acc[split * s_pa + head * D + d] = aa;
+    if (d == 0) {
+      part_ml[split * s_pml + head * 2] = mm * ln2;
+      part_ml[split * s_pml + head * 2 + 1] = ll;
+    }
+  }
+}
+
 void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, int64_t split_len,
-                      int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml) {
+                      int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, int64_t preload) {
   const int kv = kc.size(1), hq = q.size(0), rep = hq / kv;
   TORCH_CHECK(kc.size(3) == 64 && rep == 3, "probe: d 64 and 3 query heads per KV head");
   cudaLaunchConfig_t config = {};
@@ -154,7 +259,12 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
   config.attrs = attr;
   config.numAttrs = 1;
   const float scale_log2 = float(scale) * 1.4426950408889634f;
-  cudaLaunchKernelEx(&config, decode_attention_kernel<3>,
+  auto kernel = decode_attention_kernel<3>;
+  if (preload == 4) kernel = decode_attention_preload_kernel<3, 4>;
+  if (preload == 8) kernel = decode_attention_preload_kernel<3, 8>;
+  if (preload == 16) kernel = decode_attention_preload_kernel<3, 16>;
+  TORCH_CHECK(preload == 0 || split_len <= 16 * preload, "probe: a split longer than its preloaded keys");
+  cudaLaunchKernelEx(&config, kernel,
                      reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()),
                      reinterpret_cast<const __nv_bfloat16*>(kc.data_ptr()),
                      reinterpret_cast<const __nv_bfloat16*>(vc.data_ptr()),
@@ -165,7 +275,8 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
 """
 
 CPP_SOURCE = ("void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, "
-              "int64_t split_len, int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml);")
+              "int64_t split_len, int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, "
+              "int64_t preload);")
 
 
 def build():
@@ -194,6 +305,8 @@ def main() -> int:
     parser.add_argument("--chain", type=int, default=60)
     parser.add_argument("--replays", type=int, default=30)
     parser.add_argument("--split-len", type=int, default=0, help="keys per CUDA split (0: the Triton layout's)")
+    parser.add_argument("--preload", type=int, default=0, choices=(0, 4, 8, 16),
+                        help="keys per lane loaded before the grid wait (a split of at most 16x that)")
     args = parser.parse_args()
     ext = build()
     heads, d = 9, 64
@@ -215,7 +328,7 @@ def main() -> int:
 
         def cuda_attention(i, with_merge=True):
             k, v = inputs.caches[i % len(inputs.caches)]
-            ext.decode_attention(q, k, v, length, split_len, n_splits, scale, part_acc, part_ml)
+            ext.decode_attention(q, k, v, length, split_len, n_splits, scale, part_acc, part_ml, args.preload)
             if with_merge:
                 merge(part_acc, part_ml, out, n_splits, heads, d)
 
