@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_profile import captured, timed  # noqa: E402
-from benchmarks.fused_variants import parse_variant  # noqa: E402
+from benchmarks.fused_variants import apply_variant, module_defaults  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
 HIDDEN, HEADS, KV_HEADS, D = 576, 9, 3, 64
@@ -107,14 +107,13 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=None)
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+    defaults = module_defaults()
     rows = []
     print(f"{'variant':<36} {'keys':>6} {'layers':>6} {'qkv':>6} {'qkv+attention':>14} {'qkv+attn only':>14}"
           f" {'max |out - default|':>20}")
     reference = {}
     for spec in args.variant or ["default"]:
-        for name, value in {**defaults, **parse_variant(spec)}.items():
-            setattr(fused_decode, name, value)
+        apply_variant(spec, defaults)
         for keys in (int(k) for k in args.keys.split(",")):
             with torch.inference_mode():
                 out = variant_output(keys)

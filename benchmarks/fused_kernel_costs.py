@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 from benchmarks.fused_parity import at_ratio, smollm2_like  # noqa: E402
 from benchmarks.fused_profile import captured, timed  # noqa: E402
-from benchmarks.fused_variants import parse_variant  # noqa: E402
+from benchmarks.fused_variants import apply_variant, module_defaults  # noqa: E402
 from pipeline.decoding.graphs import DecodeSession  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
@@ -87,12 +87,11 @@ def main() -> int:
     parser.add_argument("--variant", action="append", default=None, help="NAME=VALUE;… of fused_decode (repeatable)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+    defaults = module_defaults()
     teacher = smollm2_like(30, "cuda", quick=False).to(torch.bfloat16)
     results = []
     for spec, ratio in ((v, float(r)) for v in args.variant or ["default"] for r in args.ratios.split(",")):
-        for name, value in {**defaults, **parse_variant(spec)}.items():
-            setattr(fused_decode, name, value)
+        apply_variant(spec, defaults)
         model = at_ratio(teacher, ratio, args.mixer)
         for length in (int(p) for p in args.prompts.split(",")):
             prompt = torch.randint(0, 49152, (length,), device="cuda")

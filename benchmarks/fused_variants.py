@@ -76,6 +76,18 @@ def prefer_shared_carveout(percent: int) -> None:
     compiler.CompiledKernel._init_handles = init_handles
 
 
+def module_defaults() -> dict:
+    """The tuning attributes (upper-case names) of :mod:`pipeline.ops.fused_decode` as they are now."""
+    return {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+
+
+def apply_variant(spec: str, defaults: dict) -> None:
+    """Put ``defaults`` (from :func:`module_defaults`) back, then set ``spec``'s attributes: each
+    variant starts from the module's own settings, not from the variant before."""
+    for name, value in {**defaults, **parse_variant(spec)}.items():
+        setattr(fused_decode, name, value)
+
+
 def parse_variant(spec: str) -> dict:
     """``NAME=VALUE;…`` → {NAME: value}, each NAME an existing module attribute; ``default`` → {}."""
     if spec == "default":
@@ -109,12 +121,9 @@ def main() -> int:
         models[f"{ratio:g}"] = at_ratio(teacher, ratio)
     rows = []
     print(f"{'label':<8} {'variant':<34} {'ratio':<6} {'prompt':>6} {'graph':>5} {'step us':>8} {'tok/s':>7}", flush=True)
-    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+    defaults = module_defaults()
     for spec in args.variant or ["default"]:
-        for name, value in defaults.items():
-            setattr(fused_decode, name, value)
-        for name, value in parse_variant(spec).items():
-            setattr(fused_decode, name, value)
+        apply_variant(spec, defaults)
         for name, model in models.items():
             for length in (int(p) for p in args.prompts.split(",")):
                 prompt = torch.randint(1, teacher.config.vocab_size, (length,), device="cuda")

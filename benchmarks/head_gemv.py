@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout, uninstalled
 
 from benchmarks.fused_profile import captured, timed  # noqa: E402
-from benchmarks.fused_variants import parse_variant  # noqa: E402
+from benchmarks.fused_variants import apply_variant, module_defaults  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
 
@@ -40,13 +40,12 @@ def main() -> int:
     weights = [torch.randn(args.vocab, args.hidden, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.05
                for _ in range(2)]
     megabytes = weights[0].numel() * weights[0].element_size() / 1e6
-    defaults = {name: getattr(fused_decode, name) for name in dir(fused_decode) if name.isupper()}
+    defaults = module_defaults()
     reference = None
     rows = torch.randn(5, args.hidden, device="cuda", generator=gen, dtype=torch.bfloat16)
     print(f"{'variant':<40} {'us/call':>8} {'TB/s':>6} {'max |diff|':>11} {'block = rows':>10}")
     for spec in args.variant or ["default"]:
-        for name, value in {**defaults, **parse_variant(spec)}.items():
-            setattr(fused_decode, name, value)
+        apply_variant(spec, defaults)
         with torch.inference_mode():
             out = fused_decode.norm_linear(x, norm_w, 1e-5, weights[0]).float()
             reference = out if reference is None else reference
