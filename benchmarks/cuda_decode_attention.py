@@ -46,21 +46,27 @@ CUDA_SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/cuda/CUDAContext.h>
 
+constexpr int D = 64;
+
+// A key group's online-softmax state over its keys (log2 units), for the REP query rows; its 8
+// lanes each hold 8 of the accumulator's dims.
 template <int REP>
-__global__ void __launch_bounds__(128) decode_attention_kernel(
-    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
-    int length, int split_len, long long s_head, float scale_log2,
-    float* __restrict__ part_acc, float* __restrict__ part_ml, int hq, long long s_pa, long long s_pml) {
-  constexpr int D = 64;
-  const int kvh = blockIdx.x, split = blockIdx.y;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int slot = lane >> 3, part = lane & 7;  // 4 key groups of 8 lanes per warp, 8 dims a lane
-  const int lo = split * split_len, hi = min(lo + split_len, length);
-  const __nv_bfloat16* kbase = kc + kvh * s_head + part * 8;
-  const __nv_bfloat16* vbase = vc + kvh * s_head + part * 8;
-  asm volatile("griddepcontrol.launch_dependents;");
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  float qv[REP][8];
+struct GroupState {
+  float m[REP], l[REP], acc[REP][8];
+  __device__ __forceinline__ GroupState() {
+#pragma unroll
+    for (int r = 0; r < REP; ++r) {
+      m[r] = -1e30f; l[r] = 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[r][j] = 0.f;
+    }
+  }
+};
+
+// The KV head's REP query rows, this lane's 8 dims, scaled for exp2.
+template <int REP>
+__device__ __forceinline__ void load_queries(const __nv_bfloat16* q, int kvh, int part, float scale_log2,
+                                             float (&qv)[REP][8]) {
 #pragma unroll
   for (int r = 0; r < REP; ++r) {
     uint4 raw = *reinterpret_cast<const uint4*>(q + (kvh * REP + r) * D + part * 8);
@@ -68,49 +74,50 @@ __global__ void __launch_bounds__(128) decode_attention_kernel(
 #pragma unroll
     for (int j = 0; j < 8; ++j) qv[r][j] = __bfloat162float(h[j]) * scale_log2;
   }
-  float m[REP], l[REP], acc[REP][8];
+}
+
+// One key (this lane's 8 dims of it and of its value) into the group's state; ``visible`` false
+// leaves the state as it was (the score is -inf).
+template <int REP>
+__device__ __forceinline__ void attend_key(const float (&qv)[REP][8], const uint4& kraw, const uint4& vraw, bool visible,
+                                           GroupState<REP>& st) {
+  const __nv_bfloat16* kh = reinterpret_cast<const __nv_bfloat16*>(&kraw);
+  const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vraw);
 #pragma unroll
   for (int r = 0; r < REP; ++r) {
-    m[r] = -1e30f; l[r] = 0.f;
+    float s = 0.f;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) acc[r][j] = 0.f;
+    for (int j = 0; j < 8; ++j) s = fmaf(qv[r][j], __bfloat162float(kh[j]), s);
+    s += __shfl_xor_sync(0xffffffff, s, 1);
+    s += __shfl_xor_sync(0xffffffff, s, 2);
+    s += __shfl_xor_sync(0xffffffff, s, 4);
+    s = visible ? s : -INFINITY;
+    const float m_new = fmaxf(st.m[r], s);
+    const float alpha = exp2f(st.m[r] - m_new), p = exp2f(s - m_new);
+    st.l[r] = st.l[r] * alpha + p;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) st.acc[r][j] = fmaf(p, __bfloat162float(vh[j]), st.acc[r][j] * alpha);
+    st.m[r] = m_new;
   }
-#pragma unroll 4
-  for (int key = lo + warp * 4 + slot; key < hi; key += 16) {
-    uint4 kraw = __ldg(reinterpret_cast<const uint4*>(kbase + (long long)key * D));
-    uint4 vraw = __ldg(reinterpret_cast<const uint4*>(vbase + (long long)key * D));
-    const __nv_bfloat16* kh = reinterpret_cast<const __nv_bfloat16*>(&kraw);
-    const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vraw);
-    float k[8], v[8];
-#pragma unroll
-    for (int j = 0; j < 8; ++j) { k[j] = __bfloat162float(kh[j]); v[j] = __bfloat162float(vh[j]); }
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      float s = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) s = fmaf(qv[r][j], k[j], s);
-      s += __shfl_xor_sync(0xffffffff, s, 1);
-      s += __shfl_xor_sync(0xffffffff, s, 2);
-      s += __shfl_xor_sync(0xffffffff, s, 4);
-      const float m_new = fmaxf(m[r], s);
-      const float alpha = exp2f(m[r] - m_new), p = exp2f(s - m_new);
-      l[r] = l[r] * alpha + p;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = fmaf(p, v[j], acc[r][j] * alpha);
-      m[r] = m_new;
-    }
-  }
-  // merge the 4 key groups of the warp (lanes 8 apart), then the 4 warps through shared memory
+}
+
+// Merge the 4 key groups of each warp (lanes 8 apart) by shuffles, then the 4 warps through shared
+// memory, and write the split's partial sums in the Triton kernel's layout (m in natural-log units).
+template <int REP>
+__device__ __forceinline__ void merge_and_store(GroupState<REP>& st, int kvh, int split, float* part_acc,
+                                                float* part_ml, long long s_pa, long long s_pml) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane >> 3, part = lane & 7;
 #pragma unroll
   for (int off = 8; off <= 16; off <<= 1) {
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
-      const float m_o = __shfl_xor_sync(0xffffffff, m[r], off), l_o = __shfl_xor_sync(0xffffffff, l[r], off);
-      const float m_new = fmaxf(m[r], m_o), a = exp2f(m[r] - m_new), b = exp2f(m_o - m_new);
-      l[r] = l[r] * a + l_o * b;
+      const float m_o = __shfl_xor_sync(0xffffffff, st.m[r], off), l_o = __shfl_xor_sync(0xffffffff, st.l[r], off);
+      const float m_new = fmaxf(st.m[r], m_o), a = exp2f(st.m[r] - m_new), b = exp2f(m_o - m_new);
+      st.l[r] = st.l[r] * a + l_o * b;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = acc[r][j] * a + __shfl_xor_sync(0xffffffff, acc[r][j], off) * b;
-      m[r] = m_new;
+      for (int j = 0; j < 8; ++j) st.acc[r][j] = st.acc[r][j] * a + __shfl_xor_sync(0xffffffff, st.acc[r][j], off) * b;
+      st.m[r] = m_new;
     }
   }
   __shared__ float s_m[4][REP], s_l[4][REP], s_acc[4][REP][D];
@@ -118,8 +125,8 @@ __global__ void __launch_bounds__(128) decode_attention_kernel(
 #pragma unroll
     for (int r = 0; r < REP; ++r) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) s_acc[warp][r][part * 8 + j] = acc[r][j];
-      if (part == 0) { s_m[warp][r] = m[r]; s_l[warp][r] = l[r]; }
+      for (int j = 0; j < 8; ++j) s_acc[warp][r][part * 8 + j] = st.acc[r][j];
+      if (part == 0) { s_m[warp][r] = st.m[r]; s_l[warp][r] = st.l[r]; }
     }
   }
   __syncthreads();
@@ -143,14 +150,39 @@ __global__ void __launch_bounds__(128) decode_attention_kernel(
   }
 }
 
+// Keys loaded as the loop reaches them (a few iterations' worth in flight, by unrolling).
+template <int REP>
+__global__ void __launch_bounds__(128) decode_attention_kernel(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
+    int length, int split_len, long long s_head, float scale_log2,
+    float* __restrict__ part_acc, float* __restrict__ part_ml, long long s_pa, long long s_pml) {
+  const int kvh = blockIdx.x, split = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane >> 3, part = lane & 7;  // 4 key groups of 8 lanes per warp, 8 dims a lane
+  const int lo = split * split_len, hi = min(lo + split_len, length);
+  const __nv_bfloat16* kbase = kc + kvh * s_head + part * 8;
+  const __nv_bfloat16* vbase = vc + kvh * s_head + part * 8;
+  asm volatile("griddepcontrol.launch_dependents;");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  float qv[REP][8];
+  load_queries<REP>(q, kvh, part, scale_log2, qv);
+  GroupState<REP> st;
+#pragma unroll 4
+  for (int key = lo + warp * 4 + slot; key < hi; key += 16) {
+    const uint4 kraw = __ldg(reinterpret_cast<const uint4*>(kbase + (long long)key * D));
+    const uint4 vraw = __ldg(reinterpret_cast<const uint4*>(vbase + (long long)key * D));
+    attend_key<REP>(qv, kraw, vraw, true, st);
+  }
+  merge_and_store<REP>(st, kvh, split, part_acc, part_ml, s_pa, s_pml);
+}
+
 // The same, with every key and value of a lane's share (KPL keys) loaded before the grid wait, so
 // that a lane's loads are all in flight at once instead of a few iterations' worth.
 template <int REP, int KPL>
 __global__ void __launch_bounds__(128) decode_attention_preload_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
     int length, int split_len, long long s_head, float scale_log2,
-    float* __restrict__ part_acc, float* __restrict__ part_ml, int hq, long long s_pa, long long s_pml) {
-  constexpr int D = 64;
+    float* __restrict__ part_acc, float* __restrict__ part_ml, long long s_pa, long long s_pml) {
   const int kvh = blockIdx.x, split = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int slot = lane >> 3, part = lane & 7;
@@ -167,82 +199,11 @@ __global__ void __launch_bounds__(128) decode_attention_preload_kernel(
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   float qv[REP][8];
+  load_queries<REP>(q, kvh, part, scale_log2, qv);
+  GroupState<REP> st;
 #pragma unroll
-  for (int r = 0; r < REP; ++r) {
-    uint4 raw = *reinterpret_cast<const uint4*>(q + (kvh * REP + r) * D + part * 8);
-    const __nv_bfloat16* h = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-    for (int j = 0; j < 8; ++j) qv[r][j] = __bfloat162float(h[j]) * scale_log2;
-  }
-  float m[REP], l[REP], acc[REP][8];
-#pragma unroll
-  for (int r = 0; r < REP; ++r) {
-    m[r] = -1e30f; l[r] = 0.f;
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[r][j] = 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < KPL; ++i) {
-    const bool ok = lo + warp * 4 + slot + 16 * i < hi;
-    const __nv_bfloat16* kh = reinterpret_cast<const __nv_bfloat16*>(&kr[i]);
-    const __nv_bfloat16* vh = reinterpret_cast<const __nv_bfloat16*>(&vr[i]);
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      float s = 0.f;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) s = fmaf(qv[r][j], __bfloat162float(kh[j]), s);
-      s += __shfl_xor_sync(0xffffffff, s, 1);
-      s += __shfl_xor_sync(0xffffffff, s, 2);
-      s += __shfl_xor_sync(0xffffffff, s, 4);
-      s = ok ? s : -INFINITY;
-      const float m_new = fmaxf(m[r], s);
-      const float alpha = exp2f(m[r] - m_new), p = exp2f(s - m_new);
-      l[r] = l[r] * alpha + p;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = fmaf(p, __bfloat162float(vh[j]), acc[r][j] * alpha);
-      m[r] = m_new;
-    }
-  }
-#pragma unroll
-  for (int off = 8; off <= 16; off <<= 1) {
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-      const float m_o = __shfl_xor_sync(0xffffffff, m[r], off), l_o = __shfl_xor_sync(0xffffffff, l[r], off);
-      const float m_new = fmaxf(m[r], m_o), a = exp2f(m[r] - m_new), b = exp2f(m_o - m_new);
-      l[r] = l[r] * a + l_o * b;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) acc[r][j] = acc[r][j] * a + __shfl_xor_sync(0xffffffff, acc[r][j], off) * b;
-      m[r] = m_new;
-    }
-  }
-  __shared__ float s_m[4][REP], s_l[4][REP], s_acc[4][REP][D];
-  if (slot == 0) {
-#pragma unroll
-    for (int r = 0; r < REP; ++r) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j) s_acc[warp][r][part * 8 + j] = acc[r][j];
-      if (part == 0) { s_m[warp][r] = m[r]; s_l[warp][r] = l[r]; }
-    }
-  }
-  __syncthreads();
-  const float ln2 = 0.69314718055994530942f;
-  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    float mm = s_m[0][r];
-    for (int w = 1; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
-    float ll = 0.f, aa = 0.f;
-    for (int w = 0; w < 4; ++w) {
-      const float e = exp2f(s_m[w][r] - mm);
-      ll += s_l[w][r] * e;
-      aa += s_acc[w][r][d] * e;
-    }
-    const int head = kvh * REP + r;
-    part_acc[split * s_pa + head * D + d] = aa;
-    if (d == 0) {
-      part_ml[split * s_pml + head * 2] = mm * ln2;
-      part_ml[split * s_pml + head * 2 + 1] = ll;
-    }
-  }
+  for (int i = 0; i < KPL; ++i) attend_key<REP>(qv, kr[i], vr[i], lo + warp * 4 + slot + 16 * i < hi, st);
+  merge_and_store<REP>(st, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
 void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, int64_t split_len,
@@ -269,7 +230,7 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
                      reinterpret_cast<const __nv_bfloat16*>(kc.data_ptr()),
                      reinterpret_cast<const __nv_bfloat16*>(vc.data_ptr()),
                      int(length), int(split_len), (long long)kc.stride(1), scale_log2,
-                     part_acc.data_ptr<float>(), part_ml.data_ptr<float>(), hq,
+                     part_acc.data_ptr<float>(), part_ml.data_ptr<float>(),
                      (long long)part_acc.stride(0), (long long)part_ml.stride(0));
 }
 """
