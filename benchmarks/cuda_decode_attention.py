@@ -41,6 +41,7 @@ from benchmarks.fused_profile import captured, timed  # noqa: E402
 from pipeline.ops import fused_decode  # noqa: E402
 
 CUDA_SOURCE = r"""
+#include <cstdint>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
@@ -101,6 +102,34 @@ __device__ __forceinline__ void attend_key(const float (&qv)[REP][8], const uint
   }
 }
 
+// The CTA's warps' states (log2 units, in shared memory) merged into the split's partial sums,
+// in the Triton kernel's layout (m in natural-log units).
+template <int REP, int WARPS>
+__device__ __forceinline__ void store_split(const float (&s_m)[WARPS][REP], const float (&s_l)[WARPS][REP],
+                                            const float (&s_acc)[WARPS][REP][D], int kvh, int split, float* part_acc,
+                                            float* part_ml, long long s_pa, long long s_pml) {
+  const float ln2 = 0.69314718055994530942f;
+  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
+    const int r = i / D, d = i % D;
+    float mm = s_m[0][r];
+#pragma unroll
+    for (int w = 1; w < WARPS; ++w) mm = fmaxf(mm, s_m[w][r]);
+    float ll = 0.f, aa = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float e = exp2f(s_m[w][r] - mm);
+      ll += s_l[w][r] * e;
+      aa += s_acc[w][r][d] * e;
+    }
+    const int head = kvh * REP + r;
+    part_acc[split * s_pa + head * D + d] = aa;
+    if (d == 0) {
+      part_ml[split * s_pml + head * 2] = mm * ln2;  // natural-log units, as the Triton merge expects
+      part_ml[split * s_pml + head * 2 + 1] = ll;
+    }
+  }
+}
+
 // Merge the 4 key groups of each warp (lanes 8 apart) by shuffles, then the 4 warps through shared
 // memory, and write the split's partial sums in the Triton kernel's layout (m in natural-log units).
 template <int REP>
@@ -130,24 +159,7 @@ __device__ __forceinline__ void merge_and_store(GroupState<REP>& st, int kvh, in
     }
   }
   __syncthreads();
-  const float ln2 = 0.69314718055994530942f;
-  for (int i = threadIdx.x; i < REP * D; i += blockDim.x) {
-    const int r = i / D, d = i % D;
-    float mm = s_m[0][r];
-    for (int w = 1; w < 4; ++w) mm = fmaxf(mm, s_m[w][r]);
-    float ll = 0.f, aa = 0.f;
-    for (int w = 0; w < 4; ++w) {
-      const float e = exp2f(s_m[w][r] - mm);
-      ll += s_l[w][r] * e;
-      aa += s_acc[w][r][d] * e;
-    }
-    const int head = kvh * REP + r;
-    part_acc[split * s_pa + head * D + d] = aa;
-    if (d == 0) {
-      part_ml[split * s_pml + head * 2] = mm * ln2;  // natural-log units, as the Triton merge expects
-      part_ml[split * s_pml + head * 2 + 1] = ll;
-    }
-  }
+  store_split<REP, 4>(s_m, s_l, s_acc, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
 // Keys loaded as the loop reaches them (a few iterations' worth in flight, by unrolling).
@@ -206,13 +218,147 @@ __global__ void __launch_bounds__(128) decode_attention_preload_kernel(
   merge_and_store<REP>(st, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
+// --- tensor cores: mma.sync m16n8k16 (bf16 in, fp32 accumulate) ----------------------------------
+//
+// Each warp owns CHUNKS chunks of 16 consecutive keys. With groupID g = lane / 4 and c = lane % 4:
+// * q·kᵀ: A = the query rows (row g; rows >= REP are zero), B = the keys of an 8-key tile. The head
+//   dims are permuted consistently in A and B (a dot product does not care), so that a thread's B
+//   elements over the four k-steps are its key's dims 16c .. 16c+15, one 32-byte load: k-step s,
+//   logical k = 2c + j (j < 2) is dim 16c + 4s + j, and k = 2c + 8 + j is dim 16c + 4s + 2 + j.
+// * The scores' accumulator fragments of the two 8-key tiles are, packed to bf16, the A fragment
+//   of p·v (FlashAttention-2's register-only layout change).
+// * p·v: B = the chunk's values. Output column n of n-tile j is dim 8n + j, so a thread reads its
+//   four keys' dims 8g .. 8g+7 (one 16-byte load each) and ends holding dims 16c .. 16c+15 of row g.
+// Everything a warp reads of the cache is loaded before the grid wait; the softmax is taken over
+// the warp's keys at once (one maximum, no rescaling), and the warps merge through shared memory.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                               uint32_t b0, uint32_t b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+               "{%0,%1,%2,%3};"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&h);
+}
+
+__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+}
+
+template <int REP, int WARPS, int CHUNKS>
+__global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
+    const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
+    int length, long long s_head, float scale_log2,
+    float* __restrict__ part_acc, float* __restrict__ part_ml, long long s_pa, long long s_pml) {
+  constexpr int KEYS = WARPS * CHUNKS * 16;
+  const int kvh = blockIdx.x, split = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, c = lane & 3;
+  const int hi = min((split + 1) * KEYS, length);
+  const int base = split * KEYS + warp * CHUNKS * 16;
+  const __nv_bfloat16* kb = kc + kvh * s_head;
+  const __nv_bfloat16* vb = vc + kvh * s_head;
+  asm volatile("griddepcontrol.launch_dependents;");
+  uint4 kr[CHUNKS][2][2], vr[CHUNKS][4];
+#pragma unroll
+  for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int key = base + ch * 16 + 8 * t + g;
+      kr[ch][t][0] = load_or_zero(kb + (long long)key * D + 16 * c, key < hi);
+      kr[ch][t][1] = load_or_zero(kb + (long long)key * D + 16 * c + 8, key < hi);
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int key = base + ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
+      vr[ch][i] = load_or_zero(vb + (long long)key * D + 8 * g, key < hi);
+    }
+  }
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  const bool row_ok = g < REP;
+  const uint4 q0 = load_or_zero(q + (kvh * REP + g) * D + 16 * c, row_ok);
+  const uint4 q1 = load_or_zero(q + (kvh * REP + g) * D + 16 * c + 8, row_ok);
+
+  float s[CHUNKS][2][2];
+  float m = -1e30f;
+#pragma unroll
+  for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int st = 0; st < 4; ++st) {
+        const uint32_t qa0 = st < 2 ? word_of(q0, 2 * st) : word_of(q1, 2 * st - 4);
+        const uint32_t qa1 = st < 2 ? word_of(q0, 2 * st + 1) : word_of(q1, 2 * st - 3);
+        const uint32_t kb0 = st < 2 ? word_of(kr[ch][t][0], 2 * st) : word_of(kr[ch][t][1], 2 * st - 4);
+        const uint32_t kb1 = st < 2 ? word_of(kr[ch][t][0], 2 * st + 1) : word_of(kr[ch][t][1], 2 * st - 3);
+        mma_bf16_16816(acc, qa0, 0u, qa1, 0u, kb0, kb1);
+      }
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int key = base + ch * 16 + 8 * t + 2 * c + j;
+        s[ch][t][j] = key < hi ? acc[j] * scale_log2 : -INFINITY;
+        m = fmaxf(m, s[ch][t][j]);
+      }
+    }
+  }
+  m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 1));
+  m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, 2));
+
+  float o[8][4];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.f;
+  float l = 0.f;
+#pragma unroll
+  for (int ch = 0; ch < CHUNKS; ++ch) {
+    float p[2][2];
+#pragma unroll
+    for (int t = 0; t < 2; ++t)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        p[t][j] = exp2f(s[ch][t][j] - m);
+        l += p[t][j];
+      }
+    const uint32_t pa0 = pack_bf16(p[0][0], p[0][1]), pa2 = pack_bf16(p[1][0], p[1][1]);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const uint32_t sel = (j & 1) ? 0x7632u : 0x5410u;
+      const uint32_t vb0 = __byte_perm(word_of(vr[ch][0], j >> 1), word_of(vr[ch][1], j >> 1), sel);
+      const uint32_t vb1 = __byte_perm(word_of(vr[ch][2], j >> 1), word_of(vr[ch][3], j >> 1), sel);
+      mma_bf16_16816(o[j], pa0, 0u, pa2, 0u, vb0, vb1);
+    }
+  }
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+
+  __shared__ float s_m[WARPS][REP], s_l[WARPS][REP], s_acc[WARPS][REP][D];
+  if (row_ok) {
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      s_acc[warp][g][16 * c + j] = o[j][0];
+      s_acc[warp][g][16 * c + 8 + j] = o[j][1];
+    }
+    if (c == 0) { s_m[warp][g] = m; s_l[warp][g] = l; }
+  }
+  __syncthreads();
+  store_split<REP, WARPS>(s_m, s_l, s_acc, kvh, split, part_acc, part_ml, s_pa, s_pml);
+}
+
 void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, int64_t split_len,
-                      int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, int64_t preload) {
+                      int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, int64_t preload,
+                      int64_t mma_warps, int64_t mma_chunks) {
   const int kv = kc.size(1), hq = q.size(0), rep = hq / kv;
   TORCH_CHECK(kc.size(3) == 64 && rep == 3, "probe: d 64 and 3 query heads per KV head");
   cudaLaunchConfig_t config = {};
   config.gridDim = dim3(kv, n_splits);
-  config.blockDim = dim3(128);
+  config.blockDim = dim3(mma_warps ? 32 * mma_warps : 128);
   config.stream = at::cuda::getCurrentCUDAStream();
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -220,6 +366,24 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
   config.attrs = attr;
   config.numAttrs = 1;
   const float scale_log2 = float(scale) * 1.4426950408889634f;
+  if (mma_warps) {
+    TORCH_CHECK(split_len == 16 * mma_warps * mma_chunks, "probe: an MMA split is 16 keys x warps x chunks");
+    auto mma = decode_attention_mma_kernel<3, 4, 1>;
+    if (mma_warps == 4 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 4, 2>;
+    else if (mma_warps == 4 && mma_chunks == 4) mma = decode_attention_mma_kernel<3, 4, 4>;
+    else if (mma_warps == 8 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 8, 1>;
+    else if (mma_warps == 8 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 8, 2>;
+    else if (mma_warps == 16 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 16, 1>;
+    else TORCH_CHECK(mma_warps == 4 && mma_chunks == 1, "probe: MMA (warps, chunks) not compiled");
+    cudaLaunchKernelEx(&config, mma,
+                       reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()),
+                       reinterpret_cast<const __nv_bfloat16*>(kc.data_ptr()),
+                       reinterpret_cast<const __nv_bfloat16*>(vc.data_ptr()),
+                       int(length), (long long)kc.stride(1), scale_log2,
+                       part_acc.data_ptr<float>(), part_ml.data_ptr<float>(),
+                       (long long)part_acc.stride(0), (long long)part_ml.stride(0));
+    return;
+  }
   auto kernel = decode_attention_kernel<3>;
   if (preload == 4) kernel = decode_attention_preload_kernel<3, 4>;
   if (preload == 8) kernel = decode_attention_preload_kernel<3, 8>;
@@ -237,7 +401,7 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
 
 CPP_SOURCE = ("void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, "
               "int64_t split_len, int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, "
-              "int64_t preload);")
+              "int64_t preload, int64_t mma_warps, int64_t mma_chunks);")
 
 
 def build():
@@ -268,6 +432,8 @@ def main() -> int:
     parser.add_argument("--split-len", type=int, default=0, help="keys per CUDA split (0: the Triton layout's)")
     parser.add_argument("--preload", type=int, default=0, choices=(0, 4, 8, 16),
                         help="keys per lane loaded before the grid wait (a split of at most 16x that)")
+    parser.add_argument("--mma", default="", help="WARPS,CHUNKS: the tensor-core kernel, splits of 16*WARPS*CHUNKS keys "
+                        "(4,1 4,2 4,4 8,1 8,2 16,1)")
     args = parser.parse_args()
     ext = build()
     heads, d = 9, 64
@@ -276,8 +442,9 @@ def main() -> int:
     for keys in (int(k) for k in args.keys.split(",")):
         inputs = attention_inputs(keys, args.layers)
         n_splits, split_len = inputs.splits
-        if args.split_len:
-            split_len = args.split_len
+        mma_warps, mma_chunks = (int(x) for x in args.mma.split(",")) if args.mma else (0, 0)
+        if args.split_len or mma_warps:
+            split_len = 16 * mma_warps * mma_chunks if mma_warps else args.split_len
             n_splits = -(-keys // split_len)
         length = keys - 16
         gen = torch.Generator(device="cuda").manual_seed(1)
@@ -289,7 +456,8 @@ def main() -> int:
 
         def cuda_attention(i, with_merge=True):
             k, v = inputs.caches[i % len(inputs.caches)]
-            ext.decode_attention(q, k, v, length, split_len, n_splits, scale, part_acc, part_ml, args.preload)
+            ext.decode_attention(q, k, v, length, split_len, n_splits, scale, part_acc, part_ml, args.preload,
+                                 mma_warps, mma_chunks)
             if with_merge:
                 merge(part_acc, part_ml, out, n_splits, heads, d)
 
