@@ -252,7 +252,7 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-template <int REP, int WARPS, int CHUNKS>
+template <int REP, int WARPS, int CHUNKS, bool READ_ONLY = false>
 __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
     int length, long long s_head, float scale_log2,
@@ -282,6 +282,16 @@ __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
     }
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
+  if (READ_ONLY) {  // the loads alone: fold them into one word a thread, so that none is dropped
+    uint32_t x = 0;
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) x ^= word_of(kr[ch][i >> 1][i & 1], i) ^ vr[ch][i].x ^ vr[ch][i].w;
+    }
+    part_acc[split * s_pa + kvh * REP * D + threadIdx.x % (REP * D)] = __uint_as_float(x);  // inside the split's row
+    return;
+  }
   const bool row_ok = g < REP;
   const uint4 q0 = load_or_zero(q + (kvh * REP + g) * D + 16 * c, row_ok);
   const uint4 q1 = load_or_zero(q + (kvh * REP + g) * D + 16 * c + 8, row_ok);
@@ -367,13 +377,16 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
   config.numAttrs = 1;
   const float scale_log2 = float(scale) * 1.4426950408889634f;
   if (mma_warps) {
-    TORCH_CHECK(split_len == 16 * mma_warps * mma_chunks, "probe: an MMA split is 16 keys x warps x chunks");
+    const bool read_only = mma_warps > 100;  // 100 + warps: the read-only variant (8, 1)
+    if (read_only) config.blockDim = dim3(32 * (mma_warps - 100));
+    TORCH_CHECK(split_len == 16 * (mma_warps % 100) * mma_chunks, "probe: an MMA split is 16 keys x warps x chunks");
     auto mma = decode_attention_mma_kernel<3, 4, 1>;
     if (mma_warps == 4 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 4, 2>;
     else if (mma_warps == 4 && mma_chunks == 4) mma = decode_attention_mma_kernel<3, 4, 4>;
     else if (mma_warps == 8 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 8, 1>;
     else if (mma_warps == 8 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 8, 2>;
     else if (mma_warps == 16 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 16, 1>;
+    else if (mma_warps == 108 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 8, 1, true>;
     else TORCH_CHECK(mma_warps == 4 && mma_chunks == 1, "probe: MMA (warps, chunks) not compiled");
     cudaLaunchKernelEx(&config, mma,
                        reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()),
@@ -434,6 +447,8 @@ def main() -> int:
                         help="keys per lane loaded before the grid wait (a split of at most 16x that)")
     parser.add_argument("--mma", default="", help="WARPS,CHUNKS: the tensor-core kernel, splits of 16*WARPS*CHUNKS keys "
                         "(4,1 4,2 4,4 8,1 8,2 16,1)")
+    parser.add_argument("--read-only", action="store_true",
+                        help="with --mma 8,1: the same loads without the attention (its error column is meaningless)")
     args = parser.parse_args()
     ext = build()
     heads, d = 9, 64
@@ -445,6 +460,9 @@ def main() -> int:
         mma_warps, mma_chunks = (int(x) for x in args.mma.split(",")) if args.mma else (0, 0)
         if args.split_len or mma_warps:
             split_len = 16 * mma_warps * mma_chunks if mma_warps else args.split_len
+            if args.read_only:
+                assert (mma_warps, mma_chunks) == (8, 1), "--read-only is compiled for --mma 8,1"
+                mma_warps += 100
             n_splits = -(-keys // split_len)
         length = keys - 16
         gen = torch.Generator(device="cuda").manual_seed(1)
