@@ -12,7 +12,14 @@ times a CUDA kernel of another shape on the same problem:
   end by shuffles and one shared-memory step;
 * ``--preload K``: a lane loads all K of its keys and values before the grid wait, so they are in
   flight together (splits of at most 16·K keys);
-* it writes the Triton kernel's partial sums (``part_acc``, ``part_ml``), so the Triton split merge
+* ``--mma WARPS,CHUNKS``: a tensor-core kernel instead (``mma.sync`` m16n8k16, bf16). Each warp owns
+  CHUNKS chunks of 16 keys, all loaded before the grid wait; the head dims are permuted so that a
+  lane's key and value fragments are single 16-byte loads, and the scores' fragments are reused as
+  the probabilities' operand without going through shared memory. Splits are 16·WARPS·CHUNKS keys.
+  ``--read-only`` (with ``--mma 8,1``) keeps its loads and drops the attention: a floor for
+  reading the cache in this chain; ``--bulk`` (``--mma 8,1`` or ``4,2``) has each warp's lane 0 copy
+  its keys and values into shared memory by bulk asynchronous copies instead of per-lane loads;
+* every kernel writes the Triton kernel's partial sums (``part_acc``, ``part_ml``), so the Triton split merge
   (``_attention_combine_kernel``) finishes it, and both are launched with PDL.
 
 It is a probe, not the step's kernel: the queries come rotated, nothing is written to the cache,
@@ -24,6 +31,7 @@ Needs nvcc and ninja on the GPU machine (torch.utils.cpp_extension.load_inline).
 
     python benchmarks/cuda_decode_attention.py --keys 528,4112,16400 --layers 15
     python benchmarks/cuda_decode_attention.py --keys 16400 --split-len 128 --preload 8
+    python benchmarks/cuda_decode_attention.py --keys 16400 --mma 8,1 [--read-only] [--layers 1]
 """
 
 from __future__ import annotations
@@ -252,7 +260,15 @@ __device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
   return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
 }
 
-template <int REP, int WARPS, int CHUNKS, bool READ_ONLY = false>
+// Shared-memory address (32 bits) of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// BULK: a warp's keys and values are contiguous (2 KB a chunk each), so its lane 0 copies them into
+// shared memory with two bulk asynchronous copies (the copy engine, not per-thread loads) completing
+// on one mbarrier, issued before the grid wait; the fragments are then read from shared memory.
+template <int REP, int WARPS, int CHUNKS, bool READ_ONLY = false, bool BULK = false>
 __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
     int length, long long s_head, float scale_log2,
@@ -267,21 +283,67 @@ __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
   const __nv_bfloat16* vb = vc + kvh * s_head;
   asm volatile("griddepcontrol.launch_dependents;");
   uint4 kr[CHUNKS][2][2], vr[CHUNKS][4];
-#pragma unroll
-  for (int ch = 0; ch < CHUNKS; ++ch) {
-#pragma unroll
-    for (int t = 0; t < 2; ++t) {
-      const int key = base + ch * 16 + 8 * t + g;
-      kr[ch][t][0] = load_or_zero(kb + (long long)key * D + 16 * c, key < hi);
-      kr[ch][t][1] = load_or_zero(kb + (long long)key * D + 16 * c + 8, key < hi);
+  // a warp's rows in shared memory: [chunk * 16 + key][8 uint4], keys then values
+  __shared__ alignas(128) uint4 s_kv[BULK ? WARPS : 1][2][BULK ? CHUNKS * 16 * 8 : 1];
+  __shared__ alignas(8) unsigned long long s_bar[WARPS];
+  if (BULK) {
+    const uint32_t bar = smem_addr(&s_bar[warp]);
+    if (lane == 0) {
+      const int rows = max(0, min(hi - base, CHUNKS * 16));
+      const uint32_t bytes = rows * D * 2;
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar));
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(2 * bytes) : "memory");
+      if (bytes) {
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(smem_addr(&s_kv[warp][0][0])), "l"(kb + (long long)base * D), "r"(bytes), "r"(bar)
+                     : "memory");
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
+                     ::"r"(smem_addr(&s_kv[warp][1][0])), "l"(vb + (long long)base * D), "r"(bytes), "r"(bar)
+                     : "memory");
+      }
     }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int key = base + ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
-      vr[ch][i] = load_or_zero(vb + (long long)key * D + 8 * g, key < hi);
+    __syncwarp();  // the barrier is initialised before any lane waits on it
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    uint32_t done = 0;
+    while (!done) {
+      asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
+                   : "=r"(done) : "r"(bar) : "memory");
     }
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int row = ch * 16 + 8 * t + g;
+        const bool ok = base + row < hi;  // rows past the copy are not initialised
+        kr[ch][t][0] = ok ? s_kv[warp][0][row * 8 + 2 * c] : zero;
+        kr[ch][t][1] = ok ? s_kv[warp][0][row * 8 + 2 * c + 1] : zero;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
+        vr[ch][i] = base + row < hi ? s_kv[warp][1][row * 8 + g] : zero;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int key = base + ch * 16 + 8 * t + g;
+        kr[ch][t][0] = load_or_zero(kb + (long long)key * D + 16 * c, key < hi);
+        kr[ch][t][1] = load_or_zero(kb + (long long)key * D + 16 * c + 8, key < hi);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = base + ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
+        vr[ch][i] = load_or_zero(vb + (long long)key * D + 8 * g, key < hi);
+      }
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
   }
-  asm volatile("griddepcontrol.wait;" ::: "memory");
   if (READ_ONLY) {  // the loads alone: fold them into one word a thread, so that none is dropped
     uint32_t x = 0;
 #pragma unroll
@@ -363,7 +425,7 @@ __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
 
 void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, int64_t split_len,
                       int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, int64_t preload,
-                      int64_t mma_warps, int64_t mma_chunks) {
+                      int64_t mma_warps, int64_t mma_chunks, int64_t mma_mode) {
   const int kv = kc.size(1), hq = q.size(0), rep = hq / kv;
   TORCH_CHECK(kc.size(3) == 64 && rep == 3, "probe: d 64 and 3 query heads per KV head");
   cudaLaunchConfig_t config = {};
@@ -377,17 +439,26 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
   config.numAttrs = 1;
   const float scale_log2 = float(scale) * 1.4426950408889634f;
   if (mma_warps) {
-    const bool read_only = mma_warps > 100;  // 100 + warps: the read-only variant (8, 1)
-    if (read_only) config.blockDim = dim3(32 * (mma_warps - 100));
-    TORCH_CHECK(split_len == 16 * (mma_warps % 100) * mma_chunks, "probe: an MMA split is 16 keys x warps x chunks");
-    auto mma = decode_attention_mma_kernel<3, 4, 1>;
-    if (mma_warps == 4 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 4, 2>;
-    else if (mma_warps == 4 && mma_chunks == 4) mma = decode_attention_mma_kernel<3, 4, 4>;
-    else if (mma_warps == 8 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 8, 1>;
-    else if (mma_warps == 8 && mma_chunks == 2) mma = decode_attention_mma_kernel<3, 8, 2>;
-    else if (mma_warps == 16 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 16, 1>;
-    else if (mma_warps == 108 && mma_chunks == 1) mma = decode_attention_mma_kernel<3, 8, 1, true>;
-    else TORCH_CHECK(mma_warps == 4 && mma_chunks == 1, "probe: MMA (warps, chunks) not compiled");
+    TORCH_CHECK(split_len == 16 * mma_warps * mma_chunks, "probe: an MMA split is 16 keys x warps x chunks");
+    // mma_mode: 0 loads into registers, 1 the same loads only, 2 bulk copies, 3 bulk copies only
+    using Kernel = void (*)(const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, int, long long, float,
+                            float*, float*, long long, long long);
+    Kernel mma = nullptr;
+    const int key = int(mma_warps * 100 + mma_chunks * 10 + mma_mode);
+    switch (key) {
+      case 410: mma = decode_attention_mma_kernel<3, 4, 1>; break;
+      case 420: mma = decode_attention_mma_kernel<3, 4, 2>; break;
+      case 440: mma = decode_attention_mma_kernel<3, 4, 4>; break;
+      case 810: mma = decode_attention_mma_kernel<3, 8, 1>; break;
+      case 820: mma = decode_attention_mma_kernel<3, 8, 2>; break;
+      case 1610: mma = decode_attention_mma_kernel<3, 16, 1>; break;
+      case 811: mma = decode_attention_mma_kernel<3, 8, 1, true>; break;
+      case 812: mma = decode_attention_mma_kernel<3, 8, 1, false, true>; break;
+      case 813: mma = decode_attention_mma_kernel<3, 8, 1, true, true>; break;
+      case 422: mma = decode_attention_mma_kernel<3, 4, 2, false, true>; break;
+      case 423: mma = decode_attention_mma_kernel<3, 4, 2, true, true>; break;
+    }
+    TORCH_CHECK(mma != nullptr, "probe: this MMA (warps, chunks, mode) is not compiled");
     cudaLaunchKernelEx(&config, mma,
                        reinterpret_cast<const __nv_bfloat16*>(q.data_ptr()),
                        reinterpret_cast<const __nv_bfloat16*>(kc.data_ptr()),
@@ -414,7 +485,7 @@ void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64
 
 CPP_SOURCE = ("void decode_attention(torch::Tensor q, torch::Tensor kc, torch::Tensor vc, int64_t length, "
               "int64_t split_len, int64_t n_splits, double scale, torch::Tensor part_acc, torch::Tensor part_ml, "
-              "int64_t preload, int64_t mma_warps, int64_t mma_chunks);")
+              "int64_t preload, int64_t mma_warps, int64_t mma_chunks, int64_t mma_mode);")
 
 
 def build():
@@ -448,7 +519,9 @@ def main() -> int:
     parser.add_argument("--mma", default="", help="WARPS,CHUNKS: the tensor-core kernel, splits of 16*WARPS*CHUNKS keys "
                         "(4,1 4,2 4,4 8,1 8,2 16,1)")
     parser.add_argument("--read-only", action="store_true",
-                        help="with --mma 8,1: the same loads without the attention (its error column is meaningless)")
+                        help="with --mma 8,1 (or 4,2 --bulk): the same loads without the attention (its error column is meaningless)")
+    parser.add_argument("--bulk", action="store_true",
+                        help="with --mma 8,1 or 4,2: each warp's keys and values come by bulk asynchronous copies into shared memory")
     args = parser.parse_args()
     ext = build()
     heads, d = 9, 64
@@ -460,10 +533,8 @@ def main() -> int:
         mma_warps, mma_chunks = (int(x) for x in args.mma.split(",")) if args.mma else (0, 0)
         if args.split_len or mma_warps:
             split_len = 16 * mma_warps * mma_chunks if mma_warps else args.split_len
-            if args.read_only:
-                assert (mma_warps, mma_chunks) == (8, 1), "--read-only is compiled for --mma 8,1"
-                mma_warps += 100
             n_splits = -(-keys // split_len)
+        mma_mode = int(args.read_only) + 2 * int(args.bulk)
         length = keys - 16
         gen = torch.Generator(device="cuda").manual_seed(1)
         q = torch.randn(heads, d, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -475,7 +546,7 @@ def main() -> int:
         def cuda_attention(i, with_merge=True):
             k, v = inputs.caches[i % len(inputs.caches)]
             ext.decode_attention(q, k, v, length, split_len, n_splits, scale, part_acc, part_ml, args.preload,
-                                 mma_warps, mma_chunks)
+                                 mma_warps, mma_chunks, mma_mode)
             if with_merge:
                 merge(part_acc, part_ml, out, n_splits, heads, d)
 
