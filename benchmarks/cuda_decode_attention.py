@@ -170,49 +170,30 @@ __device__ __forceinline__ void merge_and_store(GroupState<REP>& st, int kvh, in
   store_split<REP, 4>(s_m, s_l, s_acc, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
-// Where a lane of the CUDA-core kernels works: its KV head and key split (the CTA), its first key
-// (4 key groups of 8 lanes per warp, 16 groups a CTA, so keys first, first + 16, ...), the split's
-// end and its own 8 dims of the cache rows.
-struct CoreLane {
-  int kvh, split, part, first, hi;
-  const __nv_bfloat16 *kbase, *vbase;
-  __device__ __forceinline__ CoreLane(const __nv_bfloat16* kc, const __nv_bfloat16* vc, int length, int split_len,
-                                      long long s_head) {
-    kvh = blockIdx.x;
-    split = blockIdx.y;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    part = lane & 7;
-    const int lo = split * split_len;
-    first = lo + warp * 4 + (lane >> 3);
-    hi = min(lo + split_len, length);
-    kbase = kc + kvh * s_head + part * 8;
-    vbase = vc + kvh * s_head + part * 8;
-  }
-};
-
-__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
-  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
-}
-
 // Keys loaded as the loop reaches them (a few iterations' worth in flight, by unrolling).
 template <int REP>
 __global__ void __launch_bounds__(128) decode_attention_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
     int length, int split_len, long long s_head, float scale_log2,
     float* __restrict__ part_acc, float* __restrict__ part_ml, long long s_pa, long long s_pml) {
-  const CoreLane at(kc, vc, length, split_len, s_head);
+  const int kvh = blockIdx.x, split = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane >> 3, part = lane & 7;  // 4 key groups of 8 lanes per warp, 8 dims a lane
+  const int lo = split * split_len, hi = min(lo + split_len, length);
+  const __nv_bfloat16* kbase = kc + kvh * s_head + part * 8;
+  const __nv_bfloat16* vbase = vc + kvh * s_head + part * 8;
   asm volatile("griddepcontrol.launch_dependents;");
   asm volatile("griddepcontrol.wait;" ::: "memory");
   float qv[REP][8];
-  load_queries<REP>(q, at.kvh, at.part, scale_log2, qv);
+  load_queries<REP>(q, kvh, part, scale_log2, qv);
   GroupState<REP> st;
 #pragma unroll 4
-  for (int key = at.first; key < at.hi; key += 16) {
-    const uint4 kraw = __ldg(reinterpret_cast<const uint4*>(at.kbase + (long long)key * D));
-    const uint4 vraw = __ldg(reinterpret_cast<const uint4*>(at.vbase + (long long)key * D));
+  for (int key = lo + warp * 4 + slot; key < hi; key += 16) {
+    const uint4 kraw = __ldg(reinterpret_cast<const uint4*>(kbase + (long long)key * D));
+    const uint4 vraw = __ldg(reinterpret_cast<const uint4*>(vbase + (long long)key * D));
     attend_key<REP>(qv, kraw, vraw, true, st);
   }
-  merge_and_store<REP>(st, at.kvh, at.split, part_acc, part_ml, s_pa, s_pml);
+  merge_and_store<REP>(st, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
 // The same, with every key and value of a lane's share (KPL keys) loaded before the grid wait, so
@@ -222,22 +203,27 @@ __global__ void __launch_bounds__(128) decode_attention_preload_kernel(
     const __nv_bfloat16* __restrict__ q, const __nv_bfloat16* __restrict__ kc, const __nv_bfloat16* __restrict__ vc,
     int length, int split_len, long long s_head, float scale_log2,
     float* __restrict__ part_acc, float* __restrict__ part_ml, long long s_pa, long long s_pml) {
-  const CoreLane at(kc, vc, length, split_len, s_head);
+  const int kvh = blockIdx.x, split = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane >> 3, part = lane & 7;
+  const int lo = split * split_len, hi = min(lo + split_len, length);
+  const __nv_bfloat16* kbase = kc + kvh * s_head + part * 8;
+  const __nv_bfloat16* vbase = vc + kvh * s_head + part * 8;
   asm volatile("griddepcontrol.launch_dependents;");
   uint4 kr[KPL], vr[KPL];
 #pragma unroll
   for (int i = 0; i < KPL; ++i) {
-    const int key = at.first + 16 * i;
-    kr[i] = load_or_zero(at.kbase + (long long)key * D, key < at.hi);
-    vr[i] = load_or_zero(at.vbase + (long long)key * D, key < at.hi);
+    const int key = lo + warp * 4 + slot + 16 * i;
+    kr[i] = key < hi ? __ldg(reinterpret_cast<const uint4*>(kbase + (long long)key * D)) : make_uint4(0, 0, 0, 0);
+    vr[i] = key < hi ? __ldg(reinterpret_cast<const uint4*>(vbase + (long long)key * D)) : make_uint4(0, 0, 0, 0);
   }
   asm volatile("griddepcontrol.wait;" ::: "memory");
   float qv[REP][8];
-  load_queries<REP>(q, at.kvh, at.part, scale_log2, qv);
+  load_queries<REP>(q, kvh, part, scale_log2, qv);
   GroupState<REP> st;
 #pragma unroll
-  for (int i = 0; i < KPL; ++i) attend_key<REP>(qv, kr[i], vr[i], at.first + 16 * i < at.hi, st);
-  merge_and_store<REP>(st, at.kvh, at.split, part_acc, part_ml, s_pa, s_pml);
+  for (int i = 0; i < KPL; ++i) attend_key<REP>(qv, kr[i], vr[i], lo + warp * 4 + slot + 16 * i < hi, st);
+  merge_and_store<REP>(st, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
 // --- tensor cores: mma.sync m16n8k16 (bf16 in, fp32 accumulate) ----------------------------------
@@ -270,6 +256,10 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<uint32_t*>(&h);
 }
 
+__device__ __forceinline__ uint4 load_or_zero(const __nv_bfloat16* p, bool ok) {
+  return ok ? __ldg(reinterpret_cast<const uint4*>(p)) : make_uint4(0, 0, 0, 0);
+}
+
 // Shared-memory address (32 bits) of a generic pointer into shared memory.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -296,25 +286,6 @@ __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
   // a warp's rows in shared memory: [chunk * 16 + key][8 uint4], keys then values
   __shared__ alignas(128) uint4 s_kv[BULK ? WARPS : 1][2][BULK ? CHUNKS * 16 * 8 : 1];
   __shared__ alignas(8) unsigned long long s_bar[WARPS];
-  const uint4 zero = make_uint4(0, 0, 0, 0);
-  // The lane's fragments from either source: at(part, row, j, ok) is 16-byte piece j (of 8) of the
-  // warp's key (part 0) or value (part 1) row, zero where ``ok`` is false (past the split's end).
-  auto fill_fragments = [&](auto at) {
-#pragma unroll
-    for (int ch = 0; ch < CHUNKS; ++ch) {
-#pragma unroll
-      for (int t = 0; t < 2; ++t) {
-        const int row = ch * 16 + 8 * t + g;
-        kr[ch][t][0] = at(0, row, 2 * c, base + row < hi);
-        kr[ch][t][1] = at(0, row, 2 * c + 1, base + row < hi);
-      }
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
-        vr[ch][i] = at(1, row, g, base + row < hi);
-      }
-    }
-  };
   if (BULK) {
     const uint32_t bar = smem_addr(&s_bar[warp]);
     if (lane == 0) {
@@ -340,11 +311,37 @@ __global__ void __launch_bounds__(32 * WARPS) decode_attention_mma_kernel(
       asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n selp.u32 %0, 1, 0, p;\n}"
                    : "=r"(done) : "r"(bar) : "memory");
     }
-    fill_fragments([&](int part, int row, int j, bool ok) { return ok ? s_kv[warp][part][row * 8 + j] : zero; });
+    const uint4 zero = make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int row = ch * 16 + 8 * t + g;
+        const bool ok = base + row < hi;  // rows past the copy are not initialised
+        kr[ch][t][0] = ok ? s_kv[warp][0][row * 8 + 2 * c] : zero;
+        kr[ch][t][1] = ok ? s_kv[warp][0][row * 8 + 2 * c + 1] : zero;
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
+        vr[ch][i] = base + row < hi ? s_kv[warp][1][row * 8 + g] : zero;
+      }
+    }
   } else {
-    fill_fragments([&](int part, int row, int j, bool ok) {
-      return load_or_zero((part ? vb : kb) + (long long)(base + row) * D + 8 * j, ok);
-    });
+#pragma unroll
+    for (int ch = 0; ch < CHUNKS; ++ch) {
+#pragma unroll
+      for (int t = 0; t < 2; ++t) {
+        const int key = base + ch * 16 + 8 * t + g;
+        kr[ch][t][0] = load_or_zero(kb + (long long)key * D + 16 * c, key < hi);
+        kr[ch][t][1] = load_or_zero(kb + (long long)key * D + 16 * c + 8, key < hi);
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int key = base + ch * 16 + 2 * c + (i & 1) + 8 * (i >> 1);
+        vr[ch][i] = load_or_zero(vb + (long long)key * D + 8 * g, key < hi);
+      }
+    }
     asm volatile("griddepcontrol.wait;" ::: "memory");
   }
   if (READ_ONLY) {  // the loads alone: fold them into one word a thread, so that none is dropped
