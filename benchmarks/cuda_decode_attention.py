@@ -170,6 +170,11 @@ __device__ __forceinline__ void merge_and_store(GroupState<REP>& st, int kvh, in
   store_split<REP, 4>(s_m, s_l, s_acc, kvh, split, part_acc, part_ml, s_pa, s_pml);
 }
 
+// Each kernel below sets up its lane and loads its fragments itself, on purpose: sharing that code
+// (one lane-position struct, one fragment loop for the MMA kernel's two sources) changed only the
+// address arithmetic before the grid wait, and cost 0.5-0.6 us a layer at 16400 keys
+// (reports/gpu/sixteenth-2026-11-26, call 7).
+
 // Keys loaded as the loop reaches them (a few iterations' worth in flight, by unrolling).
 template <int REP>
 __global__ void __launch_bounds__(128) decode_attention_kernel(
