@@ -1,5 +1,11 @@
-"""Stage ``report``: ``reports/summary.md``, ``reports/plots/compare/*.png`` and ``reports/metrics.json``
-comparing the teacher with the hybrids at every ratio (params section ``report``)."""
+"""Stage ``report``: the results page ``RESULTS.md``, from this run's metrics and the other profile's
+committed results (params section ``report``, :class:`pipeline.eval.report.ReportParams`).
+
+Writes ``reports/results_<profile>.json`` for every profile (this run's replaced, the other kept),
+``RESULTS.md``, ``reports/plots/results/*.png`` and ``reports/headline/<profile>_<model>.json`` (the
+DVC metrics). Logs this run's headline figures to MLflow; an MT-Bench or AlpacaEval figure whose judge
+is below ``judge_min_spearman`` is logged under ``<model>/<figure>_unvalidated``, never as a score.
+"""
 
 from __future__ import annotations
 
@@ -9,16 +15,22 @@ from pipeline.stage import StageContext, run_stage
 
 
 def main(ctx: StageContext) -> None:
-    from pipeline.eval.report import write_report
+    from pipeline.eval.report import JUDGE_CHECKS, ReportParams, headline, judge_valid, write_report
 
-    models = [str(m) for m in (ctx.cfg.get("models") or [])]
-    out = write_report(Path("reports/metrics"), Path("reports"), models, str(ctx.cfg.get("speed_key", "tokens_per_second")))
-    for model, row in out["table"].items():
-        if row["mamba_ratio"] is not None:
-            ctx.log_params({f"mamba_ratio/{model}": row["mamba_ratio"]})
-        for bench in ("lm_eval", "alpaca_eval", "mt_bench"):
-            ctx.log_metrics({f"{model}/{bench}/{k}": float(v) for k, v in row[bench].items()})
-    for path in [Path("reports/summary.md"), Path("reports/metrics.json"), *out["plots"]]:
+    params = ReportParams.from_cfg(ctx.cfg, f"{ctx.params_path}:report")
+    out = write_report(Path("reports/metrics"), Path("."), params, lm_eval_dir=Path("data/eval/lm_eval"))
+    record = out["record"]
+    ctx.log_params({"report.profile": params.profile, "report.judge_min_spearman": params.judge_min_spearman,
+                    "report.device": record["device"]})
+    for row in record["rows"]:
+        if row.get("mamba_ratio") is not None:
+            ctx.log_params({f"mamba_ratio/{row['model']}": row["mamba_ratio"]})
+    for model, flat in headline(record, params.judge_min_spearman).items():
+        ctx.log_metrics({f"{model}/{key}": value for key, value in flat.items()})
+    ctx.log_metrics({f"judge_check/{figure}/spearman": rho for figure, rho in record["judge_check"].items()})
+    ctx.set_tags({f"judge.{figure}": "validated" if judge_valid(record, figure, params.judge_min_spearman) else "unvalidated"
+                  for figure in JUDGE_CHECKS})
+    for path in [out["page"], Path(f"reports/results_{params.profile}.json"), *out["plots"]]:
         ctx.log_artifact(path)
 
 

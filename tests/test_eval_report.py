@@ -1,12 +1,17 @@
-"""The ratio report: table, plots and metrics.json from the per-model metrics files."""
+"""The results page: per-profile results files merged, RESULTS.md rendered with tags, units, smoke
+labels and judge gating, plots and headline metrics."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 
-from pipeline.eval.report import write_report
+from pipeline.errors import PipelineError
+from pipeline.eval.report import ReportParams, headline, write_report
+
+MODELS = ("teacher", "0.5", "0.75")
 
 
 def _write(path, body):
@@ -14,38 +19,155 @@ def _write(path, body):
     path.write_text(json.dumps(body))
 
 
-def _metrics(root):
+def _metrics(root, scale=1.0, judge=None, tiny_speed=False):
+    """Per-model metrics files as the stages write them; ``judge`` is judge_check.json's body."""
     m = root / "reports" / "metrics"
-    for model, score in [("teacher", 0.6), ("0.5", 0.55), ("0.75", 0.5)]:
-        _write(m / f"lm_eval_{model}.json", {"model": model, "zero_shot/average": score, "skipped": ["race"]})
-        _write(m / f"alpaca_eval_{model}.json", {"model": model, "length_controlled_winrate": 100 * score / 4, "win_rate": 10.0})
-        _write(m / f"speed_{model}.json", {"tokens_per_second": 100 / score})
-    _write(m / "mt_bench_teacher.json", {"model": "teacher", "average": 6.5})
-    _write(m / "judge_check.json", {"mt_bench/spearman": 0.8})
+    for model, score in [("teacher", 0.6), ("0.5", 0.54), ("0.75", 0.45)]:
+        _write(m / f"lm_eval_{model}.json", {"model": model, "zero_shot/average": score * scale,
+                                             "extra/lambada_openai/acc": score / 2, "skipped": ["race"]})
+        _write(m / f"alpaca_eval_{model}.json", {"model": model, "length_controlled_winrate": 100 * score / 4,
+                                                 "win_rate": 10.0, "n_total": 8.0})
+        _write(m / f"mt_bench_{model}.json", {"model": model, "average": 10 * score, "n_rated": 8.0})
+        plain = {"b1_p48": {"tokens_per_s": 100 / score}, "b1_p2048": {"tokens_per_s": 50 / score},
+                 "b2_p48": {"tokens_per_s": 150 / score}}
+        _write(m / f"speed_{model}.json", {"plain": plain, "settings": {"new_tokens": 8}, "tiny_cpu_settings": tiny_speed,
+                                           "hardware": {"device": "cpu", "cpu": "x86_64", "cpu_count": 2}})
+        if model != "teacher":
+            _write(m / f"distill_{model}.json", {"held_out": {"trained": {"kl": 2 * score, "top1_agreement": score, "tokens": 152}},
+                                                 "train_tokens": 8192, "attention_layers": [0, 2, 5], "num_layers": 10})
+    if judge is not None:
+        _write(m / "judge_check.json", judge)
     return m
 
 
-def test_report_tables_plots_and_metrics(tmp_path):
-    metrics = _metrics(tmp_path)
-    out = write_report(metrics, tmp_path / "reports", ["teacher", "0.5", "0.75"])
-    summary = (tmp_path / "reports" / "summary.md").read_text()
-    assert "| lm-eval zero-shot avg | 0.6 | 0.55 | 0.5 |" in summary
-    assert "missing metrics file: reports/metrics/mt_bench_0.5.json" in summary
-    assert "judge check mt_bench/spearman: 0.800" in summary
-    table = json.loads((tmp_path / "reports" / "metrics.json").read_text())
-    assert table["0.75"]["mamba_ratio"] == 0.75 and table["teacher"]["mamba_ratio"] == 0.0
-    names = {p.name for p in out["plots"]}
-    assert {"score_vs_ratio.png", "speed_vs_quality.png", "bar_lm_eval_zero_shot_avg.png"} <= names
+def _run(root, profile, judge=None, min_spearman=0.7, scale=1.0, date="2026-01-02", commit="abc1234", device=None,
+         lm_eval_dir=None):
+    metrics = _metrics(root, scale=scale, judge=judge)
+    params = ReportParams(profile=profile, models=MODELS, judge_min_spearman=min_spearman)
+    device = device or ("NVIDIA H100 80GB HBM3" if profile == "gpu" else None)
+    return write_report(metrics, root, params, device=device, commit=commit, date=date, lm_eval_dir=lm_eval_dir)
+
+
+def _table_rows(page, section):
+    """The table lines of one profile's section of RESULTS.md."""
+    body = page.split(section, 1)[1].split("\n## ", 1)[0]
+    return [line for line in body.splitlines() if line.startswith("| **")]
+
+
+def test_page_renders_both_profiles_with_tags(tmp_path):
+    _run(tmp_path, "gpu", commit="1111111", date="2026-01-01")
+    out = _run(tmp_path, "cpu", commit="2222222", date="2026-01-02")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "## GPU profile" in page and "## CPU profile" in page
+    assert "git history" in page and "dvc metrics diff" in page and "dvc exp show" in page
+    gpu_rows, cpu_rows = _table_rows(page, "## GPU profile"), _table_rows(page, "## CPU profile")
+    assert len(gpu_rows) == len(cpu_rows) == 3
+    assert all(r.endswith("| gpu | NVIDIA H100 80GB HBM3 | 1111111 | 2026-01-01 |") for r in gpu_rows)
+    assert all(r.endswith("| cpu | CPU (x86_64, 2 cores) | 2222222 | 2026-01-02 |") for r in cpu_rows)  # device from speed metrics
+    assert cpu_rows[1].startswith("| **0.5** (0.700 exact) | 0.540 | 90% |")  # retention = 0.54 / 0.6
+    assert {p.name for p in out["plots"]} == {f"{p}_{kind}.png" for p in ("cpu", "gpu") for kind in ("retention", "speed_vs_quality")}
+    assert "![gpu_retention](reports/plots/results/gpu_retention.png)" in page
+    assert {p.name for p in out["headlines"]} == {f"{p}_{m}.json" for p in ("cpu", "gpu") for m in MODELS}
+
+
+def test_a_run_replaces_its_profile_and_keeps_the_other(tmp_path):
+    _run(tmp_path, "gpu", scale=1.0, date="2026-01-01")
+    gpu_file = (tmp_path / "reports" / "results_gpu.json").read_bytes()
+    _run(tmp_path, "cpu", scale=1.0, date="2026-01-02")
+    _run(tmp_path, "cpu", scale=0.5, date="2026-01-03")  # a second CPU run with other numbers
+    assert (tmp_path / "reports" / "results_gpu.json").read_bytes() == gpu_file
+    cpu = json.loads((tmp_path / "reports" / "results_cpu.json").read_text())
+    assert cpu["date"] == "2026-01-03" and [r["model"] for r in cpu["rows"]] == list(MODELS)
+    assert cpu["rows"][0]["zero_shot_avg"] == pytest.approx(0.3)
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "| gpu | NVIDIA H100 80GB HBM3 | abc1234 | 2026-01-01 |" in page and "2026-01-02" not in page
+
+
+def test_a_profile_that_never_ran_is_said_so(tmp_path):
+    _run(tmp_path, "cpu")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "No results yet" in page.split("## GPU profile", 1)[1]
+    assert json.loads((tmp_path / "reports" / "results_gpu.json").read_text())["rows"] == []
+
+
+def test_judge_gating_labels_figures_below_the_threshold(tmp_path):
+    judge = {"mt_bench/spearman": 0.8, "alpaca_eval/length_controlled_winrate/spearman": 0.1,
+             "alpaca_eval/win_rate/spearman": -0.55}
+    out = _run(tmp_path, "gpu", judge=judge, min_spearman=0.7)
+    page = (tmp_path / "RESULTS.md").read_text()
+    teacher = _table_rows(page, "## GPU profile")[0]
+    assert "| 6.00 |" in teacher  # MT-Bench: judge above the threshold, a plain score
+    assert "| 15.0 *unvalidated* | 10.0 *unvalidated* |" in teacher  # AlpacaEval LC and WR: judge below
+    assert "Judge check, MT-Bench:" in page and "are validated" in page
+    assert "runs roughly in reverse (Spearman -0.55; threshold 0.70)" in page
+    assert "agrees no better than chance (Spearman +0.10" in page
+    flat = json.loads((tmp_path / "reports" / "headline" / "gpu_teacher.json").read_text())
+    assert flat["mt_bench"] == 6.0 and "alpaca_lc_winrate_unvalidated" in flat and "alpaca_lc_winrate" not in flat
+    trust = next(line for line in page.splitlines() if line.startswith("- **GPU profile:**"))
+    assert trust.startswith("- **GPU profile:** trust held-out KL and top-1 agreement, decode speed (on NVIDIA H100 80GB HBM3), MT-Bench.")
+    assert "Do not read the AlpacaEval LC win-rate, AlpacaEval win-rate figures as scores" in trust
+    assert "items per task the lm-eval accuracies rest on was not recorded" in trust
+    # a stricter threshold turns the MT-Bench figure unvalidated too, in the page and the headline metrics
+    assert "mt_bench_unvalidated" in headline(out["record"], 0.9)["0.5"]
+    _run(tmp_path, "gpu", judge=judge, min_spearman=0.9)
+    assert "| 6.00 *unvalidated* |" in _table_rows((tmp_path / "RESULTS.md").read_text(), "## GPU profile")[0]
+
+
+def test_lm_eval_item_counts_bound_what_the_summary_trusts(tmp_path):
+    for model in MODELS:  # lm-eval's own results, as the lm_eval stage keeps them: items scored per task
+        tasks = {"arc_easy": {"n": 16}, "piqa": {"n": 16}, "mmlu": {"n": None}}
+        _write(tmp_path / "lm_eval" / model / "results.json", {"suites": {"zero_shot": {"tasks": tasks}}})
+    _run(tmp_path, "gpu", lm_eval_dir=tmp_path / "lm_eval")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "lm-eval 16 items per task (standard error up to ±0.12)" in page
+    assert "rest on 16 items per task: differences under about 0.25 (two standard errors) are noise" in page
+
+
+def test_judged_figures_without_a_judge_check_are_unvalidated(tmp_path):
+    _run(tmp_path, "gpu", judge=None)
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "Judge check, MT-Bench: not run" in page
+    assert all("*unvalidated*" in row for row in _table_rows(page, "## GPU profile"))
+    assert "Do not read the MT-Bench, AlpacaEval LC win-rate, AlpacaEval win-rate figures as scores" in page
+
+
+def test_summary_labels_smoke_values_units_and_empty_columns(tmp_path):
+    _run(tmp_path, "cpu", judge={"mt_bench/spearman": 0.9})
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "**CPU profile: smoke values only.**" in page and "## CPU profile (`params.yaml`, the default): smoke values" in page
+    header = next(line for line in page.splitlines() if line.startswith("| model |"))
+    for unit in ("(acc, 0–1)", "(÷ teacher)", "(nats/token)", "MT-Bench (1–10)", "win rate (%)",
+                 "decode (tok/s, batch 1, 48-token prompt)", "decode (tok/s, batch 1, 2,048-token prompt)"):
+        assert unit in header
+    assert "MMLU" not in header  # no row has it: left out, and said why
+    assert "Not measured in this run (columns left out): MMLU 5-shot: no `mmlu_5shot` suite in `lm_eval.suites`." in page
+    teacher = _table_rows(page, "## CPU profile")[0]
+    assert "| 0 (ref.) | 1 (ref.) |" in teacher  # the teacher's own KL / agreement, not a blank
+    assert "held-out KL and top-1 over 152 answer tokens" in page and "8,192 distillation tokens per ratio" in page
+    assert "MT-Bench 4 questions × 2 turns" in page and "AlpacaEval 8 instructions" in page
+
+
+def test_report_params_defaults_and_unknown_keys():
+    assert ReportParams.from_cfg({}) == ReportParams(profile="cpu", judge_min_spearman=0.7)
+    assert ReportParams.from_cfg({"profile": "gpu", "models": ["teacher", 0.5]}).models == ("teacher", "0.5")
+    with pytest.raises(PipelineError, match="unknown report params"):
+        ReportParams.from_cfg({"speed_key": "tokens_per_second"})
+    with pytest.raises(PipelineError, match="not one of"):
+        ReportParams.from_cfg({"profile": "tpu"})
 
 
 def test_report_stage_runs_from_params(tmp_path, monkeypatch):
     from pipeline.stage import run_stage
     from stages.report import main
 
-    _metrics(tmp_path)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"models": ["teacher", "0.5"]}}))
+    _metrics(tmp_path, judge={"mt_bench/spearman": 0.1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"report": {"profile": "cpu", "models": ["teacher", "0.5"]}}))
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("PIPELINE_GIT_COMMIT", "0123456789abcdef")
     run_stage("report", main, ["--params", str(tmp_path / "params.yaml")])
-    assert (tmp_path / "reports" / "plots" / "compare" / "score_vs_ratio.png").is_file()
-    assert "teacher" in json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    assert (tmp_path / "reports" / "plots" / "results" / "cpu_retention.png").is_file()
+    record = json.loads((tmp_path / "reports" / "results_cpu.json").read_text())
+    assert record["commit"] == "0123456" and [r["model"] for r in record["rows"]] == ["teacher", "0.5"]
+    assert json.loads((tmp_path / "reports" / "headline" / "cpu_0.5.json").read_text())["mt_bench_unvalidated"] == 5.4
+    assert "| cpu | CPU (x86_64, 2 cores) | 0123456 |" in (tmp_path / "RESULTS.md").read_text()

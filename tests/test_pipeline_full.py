@@ -3,7 +3,7 @@
 teacher (a local tiny Llama dir) → prompts → pseudo_labels → distill@0.5/0.75/0.875 (progressive) →
 sft@r → dpo@r → draft → draft_tune → speed, lm_eval, alpaca_eval, mt_bench for one hybrid → judge_check → report.
 Quality is meaningless here; the point is that the stages connect: each reads what the previous one
-wrote, a second `dvc repro` does nothing, and the report holds the hybrid's row.
+wrote, a second `dvc repro` does nothing, and the results page holds the hybrid's row.
 """
 
 from __future__ import annotations
@@ -74,9 +74,9 @@ def test_every_stage_runs_and_connects(full):
     assert config["model_type"] == "hybrid_mamba" and len(config["attention_layers"]) == 1
     half = json.loads((repo / "models/distill_0.5/config.json").read_text())
     assert set(config["attention_layers"]) < set(half["attention_layers"])  # progressive: kept sets nest
-    metrics = json.loads((repo / "reports/metrics.json").read_text())
-    assert "0.875" in json.dumps(metrics)
-    assert (repo / "reports/summary.md").read_text().strip()
+    results = json.loads((repo / "reports/results_cpu.json").read_text())
+    assert [row["model"] for row in results["rows"]] == ["0.875"]
+    assert "| **0.875**" in (repo / "RESULTS.md").read_text()
 
 
 def test_second_repro_is_a_no_op(full):
