@@ -59,7 +59,7 @@ def prefer_shared_carveout(percent: int) -> None:
     """Ask the driver to run every Triton kernel loaded from now on with ``percent`` of the SM's
     L1/shared storage as shared memory (``CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT``). Tests
     whether kernels that want different L1/shared splits overlap worse under PDL: on the H100 it did
-    not speed up the 50% hybrid's step (reports/gpu/fourteenth-2026-11-26)."""
+    not speed up the 50% hybrid's step."""
     import ctypes
 
     from triton.compiler import compiler

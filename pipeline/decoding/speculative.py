@@ -121,7 +121,7 @@ class _DecodeClock:
 
     Decode speed is the time per new token, prefill excluded. Subtracting a prefill-only run's
     time from a full run's instead left the prefill's jitter in a difference of ~50 ms, and
-    rates moved by several percent from one run to the next (reports/gpu/eleventh-2026-11-26).
+    rates moved by several percent from one run to the next.
     """
 
     def __init__(self, device: torch.device):

@@ -51,8 +51,7 @@ except ImportError:  # pragma: no cover - older Triton
 # (the mixer also stores its replayed SSM state there, which nothing else in a forward touches).
 # A forward starts with a plain launch (the embedding), so all of that is complete by then; the
 # only PDL kernel after a forward, greedy_advance, waits before it touches anything. Measured on
-# an H100 (teacher shape, b1): a graph step of 623 us without, 513 us with
-# (reports/gpu/decode-fused-2026-11-26).
+# an H100 (teacher shape, b1): a graph step of 623 us without, 513 us with.
 @functools.cache
 def _pdl() -> bool:
     """Whether to launch with PDL: asked at the first launch, so importing never touches CUDA."""
@@ -873,10 +872,10 @@ ATTENTION_WARPS = 8  # one program per (row, KV head, key split)
 # A split's later tiles are loaded when the loop reaches them, into registers (num_stages 1), not
 # software-pipelined through shared memory (Triton's default of 3 stages: 68 KB of it at tiles of
 # 128 keys, which also puts the kernel in another L1/shared split of the SM than the GEMVs around
-# it). The arithmetic is the same, bit for bit. Measured on an H100 (benchmarks/attention_costs.py,
-# 16400 keys, 15 caches): 9.20-9.35 -> 8.93-9.01 us a layer without the merge; in the 50% hybrid's
-# greedy loop at p16k (fused_variants.py --loop) 418.1-419.7 -> 414.8 us a token in one call, and
-# 413.4-417.6 -> 413.4-414.4 in another (reports/gpu/fourteenth-2026-11-26).
+# it). The arithmetic is the same, bit for bit. Measured on an H100 (an attention layer alone, 16400
+# keys, 15 caches): 9.20-9.35 -> 8.93-9.01 us a layer without the merge; in the 50% hybrid's
+# greedy loop at p16k (fused_variants.py --loop) 418.1-419.7 -> 414.8 us a token in one run, and
+# 413.4-417.6 -> 413.4-414.4 in another.
 ATTENTION_STAGES = 1
 # The split merge: one program per (row, query head, piece of the head), (pieces, warps). Above
 # COMBINE_LONG_MIN_SPLITS splits each head is merged in COMBINE_LONG's pieces instead: smaller
