@@ -1,7 +1,7 @@
 """Where a captured fused decoding step's time goes, op by op (GPU).
 
-The barrier probe (``grid_barrier_probe.py``) measured a bare PDL launch boundary at ~0.9 µs and a
-576×576 GEMV + residual at ~1.2 µs per launch in a chain, while the 50% hybrid's step averages
+On an H100 a bare PDL launch boundary costs ~0.9 µs and a 576×576 GEMV + residual ~1.2 µs per
+launch in a chain, while the 50% hybrid's step averages
 ~2.3 µs over its ~168 launches. This script finds the difference. It runs one step of a fused
 session with every op of :mod:`pipeline.ops.fused_decode` recorded (the step's own arguments),
 then replays each recorded call ``--chain`` times back to back in a CUDA graph (PDL on, as in
