@@ -3,11 +3,11 @@
 # (kernel), the training-throughput table (speed) and the model-level parity checks per backend (model).
 # Run from the repo root with the GPU wheels in .gpuwheels/ (fla-core, transformers, mamba-ssm):
 #   bash benchmarks/gpu_model_run.sh   (results under $OUT, default ./gpu-results)
-# A fresh machine spends most of the call compiling and autotuning mamba-ssm's and fla's Triton
-# kernels (kernel_parity alone took 514 s on an H100, 2026-11-26), so each script has its own
-# timeout and prints rows as it measures them, and the Triton cache is packed into
-# $OUT/triton.tgz: carry it as .gpucache/triton.tgz and the next call need not redo most of it. Under a
-# 10-minute call limit run one part per call: PARTS=kernel, then PARTS=speed,model with the cache.
+# A fresh machine spends most of its first run compiling and autotuning mamba-ssm's and fla's Triton
+# kernels (kernel_parity alone took 514 s on an H100), so each script has its own timeout and prints
+# rows as it measures them, and the Triton cache is packed into $OUT/triton.tgz: put it back as
+# .gpucache/triton.tgz and the next run need not redo most of it. Where one command's time is
+# limited, run one part at a time: PARTS=kernel, then PARTS=speed,model with the cache.
 set -uo pipefail
 source "$(dirname "$0")/gpu_call_setup.sh"
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"

@@ -81,7 +81,7 @@ def main() -> None:
     speed_rows, spec_rows = [], []
     for model in args.models:
         s = m[model]["speed"]
-        # distinct tokens ÷ tokens of the continuation (recorded by runs after 2026-11-25d): near 0 = a loop
+        # distinct tokens ÷ tokens of the continuation (absent from older metrics): near 0 = a loop
         distinct = lambda v: f"{v['distinct_token_fraction']:.2f}" if "distinct_token_fraction" in v else "–"  # noqa: E731
         for key, v in sorted(s.get("plain", {}).items()):
             speed_rows.append([model, key, f"{v['tokens_per_s']:.0f}", f"{v['peak_memory_mb']:.0f}", distinct(v)])

@@ -10,7 +10,7 @@ break narrows down where a GPU-only fault lives (graph capture, kernel concurren
 dependent launch: run once with PIPELINE_FUSED_PDL=0 and once without).
 
     python benchmarks/spec_greedy_sweep.py [--layers 30] [--kernels fused,triton] [--k 1,2,4]
-    python benchmarks/spec_greedy_sweep.py --draft-layers 4 --eos 2 --graphs on   # the 2026-11-26 fault
+    python benchmarks/spec_greedy_sweep.py --draft-layers 4 --eos 2 --graphs on   # a draft shaped unlike its target
     python benchmarks/spec_greedy_sweep.py ... --rounds device,host   # captured rounds and the host loop
 """
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Split each stage's wall time into DVC's work, Python start and the stage itself, from a run's logs.
 
 Inputs are what ``benchmarks/gpu_pipeline_run.sh repro`` brings back: the flow's log (``repro.log``,
-one per call; every line carries the clock time) and the stage logs (``logs/<stage>.log``, in which
+one per resumed step; every line carries the clock time) and the stage logs (``logs/<stage>.log``, in which
 ``pipeline.stage`` logs when the body starts and how long the process had been up by then)::
 
-    python3 benchmarks/stage_overhead.py --flow-log call1/repro.log call2/repro.log --stage-logs call1/logs call2/logs
+    python3 benchmarks/stage_overhead.py --flow-log step1/repro.log step2/repro.log --stage-logs step1/logs step2/logs
 
 Columns: ``wall`` is the flow's start → done; ``dvc before`` is the flow's start → the stage's Python
 process start (DVC's status check and lock; with a launcher such as ``accelerate launch`` for the
