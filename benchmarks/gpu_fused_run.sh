@@ -5,7 +5,7 @@
 # first-use compiling is the slow part). Random weights: speed does not depend on them.
 #   bash benchmarks/gpu_fused_run.sh [speed_table args]
 # Everything lands in $OUT/fused-results.tgz (the device tool brings back few files); with
-# PACK_TRITON_CACHE=1 the Triton cache too, in $OUT/triton.tgz (carry it as .gpucache/triton.tgz).
+# PACK_TRITON_CACHE=1 the Triton cache too, in $OUT/triton.tgz (bring it back as .gpucache/triton.tgz).
 # Knobs (environment): FUSED="fused" (profiled and checked kinds), PDL_MODES="1 0",
 # KERNELS="fused triton" (timed kinds), PARITY_TIMEOUT, PROFILE_TIMEOUT, SPEED_TIMEOUT.
 set -uo pipefail
