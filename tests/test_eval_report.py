@@ -30,7 +30,7 @@ def _metrics(root, scale=1.0, judge=None, tiny_speed=False):
         _write(m / f"mt_bench_{model}.json", {"model": model, "average": 10 * score, "n_rated": 8.0})
         plain = {"b1_p48": {"tokens_per_s": 100 / score}, "b1_p2048": {"tokens_per_s": 50 / score},
                  "b2_p48": {"tokens_per_s": 150 / score}}
-        _write(m / f"speed_{model}.json", {"plain": plain, "settings": {"new_tokens": 8}, "tiny_cpu_settings": tiny_speed,
+        _write(m / f"speed_{model}.json", {"plain": plain, "settings": {"new_tokens": 8, "kernels": "reference"}, "tiny_cpu_settings": tiny_speed,
                                            "hardware": {"device": "cpu", "cpu": "x86_64", "cpu_count": 2}})
         if model != "teacher":
             _write(m / f"distill_{model}.json", {"held_out": {"trained": {"kl": 2 * score, "top1_agreement": score, "tokens": 152}},
@@ -145,6 +145,7 @@ def test_summary_labels_smoke_values_units_and_empty_columns(tmp_path):
     assert "| 0 (ref.) | 1 (ref.) |" in teacher  # the teacher's own KL / agreement, not a blank
     assert "held-out KL and top-1 over 152 answer tokens" in page and "8,192 distillation tokens per ratio" in page
     assert "MT-Bench 4 questions × 2 turns" in page and "AlpacaEval 8 instructions" in page
+    assert "speed: 8 new tokens after prompts of 48 / 2,048 tokens, `reference` decoding step" in page
 
 
 def test_report_params_defaults_and_unknown_keys():

@@ -164,6 +164,7 @@ def model_row(metrics_dir: Path, model: str, lm_eval_dir: Path | None = None) ->
             row.update(tokens_per_s_long=plain[-1][1], prompt_long=plain[-1][0])
     if speed:
         row["new_tokens"] = (speed.get("settings") or {}).get("new_tokens")
+        row["speed_kernels"] = (speed.get("settings") or {}).get("kernels")  # the decoding step timed (speed.kernels)
         row["tiny_speed_settings"] = bool(speed.get("tiny_cpu_settings"))
         row["spec_tokens_per_s"] = _number(speed.get("speculative_tokens_per_second"))
         row["spec_best_k"] = speed.get("best_k")
@@ -397,8 +398,9 @@ def sizes_sentence(record: dict[str, Any]) -> str:
         parts.append(f"MT-Bench {first('mt_bench_turns') / 2:.0f} questions × 2 turns")
     if first("prompt_short") and first("new_tokens"):
         lengths = sorted({r[k] for r in rows for k in ("prompt_short", "prompt_long") if r.get(k)})
+        kernels = f", `{first('speed_kernels')}` decoding step" if first("speed_kernels") else ""
         parts.append(f"speed: {first('new_tokens')} new tokens after prompts of {' / '.join(f'{n:,}' for n in lengths)} tokens"
-                     + (" (the speed stage's tiny CPU settings)" if any(r.get("tiny_speed_settings") for r in rows) else ""))
+                     + kernels + (" (the speed stage's tiny CPU settings)" if any(r.get("tiny_speed_settings") for r in rows) else ""))
     return ("Sizes: " + "; ".join(parts) + ".") if parts else ""
 
 
