@@ -172,3 +172,11 @@ def test_report_stage_runs_from_params(tmp_path, monkeypatch):
     assert record["commit"] == "0123456" and [r["model"] for r in record["rows"]] == ["teacher", "0.5"]
     assert json.loads((tmp_path / "reports" / "headline" / "cpu_0.5.json").read_text())["mt_bench_unvalidated"] == 5.4
     assert "| cpu | CPU (x86_64, 2 cores) | 0123456 |" in (tmp_path / "RESULTS.md").read_text()
+    from pipeline.tracking import client
+
+    mlflow_client, experiment_id = client({})
+    (run,) = [r for r in mlflow_client.search_runs([experiment_id]) if r.info.run_name == "report"]
+    metrics, tags = run.data.metrics, run.data.tags
+    assert metrics["0.5/mt_bench_unvalidated"] == 5.4 and "0.5/mt_bench" not in metrics  # never logged as a score
+    assert metrics["judge_check/mt_bench/spearman"] == 0.1 and tags["judge.mt_bench"] == "unvalidated"
+    assert metrics["0.5/held_out_kl"] == pytest.approx(1.08) and run.data.params["report.profile"] == "cpu"
