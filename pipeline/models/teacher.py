@@ -23,7 +23,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import mmap
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -174,12 +176,24 @@ def _load_gguf(path: Path, source: str) -> tuple[Any, Any, dict[str, Any]]:
 
     transformers marks GGUF-loaded models as quantised and refuses to save them although the
     weights are already dense, so the weights move into a model built from the same config.
+    The file's layout is checked first (:func:`check_gguf_file`), so a damaged file is a clear
+    error rather than a numpy or struct traceback from inside the GGUF reader.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    config = _checked_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name), source)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    check_gguf_file(path)
+    try:
+        config = _checked_config(AutoConfig.from_pretrained(path.parent, gguf_file=path.name), source)
+        loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except PipelineError:
+        raise
+    except Exception as exc:  # the GGUF loaders raise ValueError, KeyError, struct.error, ... for files they cannot map
+        raise PipelineError(
+            f"transformers could not load the teacher GGUF file {path} ({type(exc).__name__}: {exc})",
+            where="teacher.source",
+            fix="use a GGUF of a Llama, Mistral or Qwen2 chat model that transformers can dequantise, or a Hugging Face model directory",
+        ) from exc
     plain_config = config.to_dict()
     plain_config.pop("quantization_config", None)
     plain_config.pop("_name_or_path", None)
@@ -188,6 +202,119 @@ def _load_gguf(path: Path, source: str) -> tuple[Any, Any, dict[str, Any]]:
     digest = sha256_file(path)
     provenance = {"source": source, "source_format": "gguf", "source_files": {path.name: digest}, "source_sha256": digest}
     return model.eval(), tokenizer, provenance
+
+
+_GGUF_MAGIC = b"GGUF"
+# Sizes of GGUF metadata scalar value types (uint8, int8, uint16, int16, uint32, int32, float32, bool,
+# string = 8 and array = 9 are variable, uint64, int64, float64).
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GGUFBroken(Exception):
+    """What is wrong with a GGUF header, completing "teacher GGUF file <path> ..."."""
+
+
+def check_gguf_file(path: Path) -> None:
+    """Fail clearly unless ``path`` is a whole GGUF file: magic, a readable header, and every tensor's
+    data inside the file. Reads the header only (the tensor list and metadata, ~0.1 s for SmolLM2)."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    fix = ("download or copy the .gguf file again (compare its size and sha256 with the original), "
+           "or point teacher.source at another model")
+    size = path.stat().st_size
+    if size == 0:
+        raise PipelineError(f"teacher GGUF file {path} is empty (0 bytes)", where="teacher.source", fix=fix)
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        if size < len(_GGUF_MAGIC) and _GGUF_MAGIC.startswith(data[:size]):
+            raise PipelineError(f"teacher GGUF file {path} is truncated: it has only {size} bytes", where="teacher.source", fix=fix)
+        if data[:4] != _GGUF_MAGIC:
+            raise PipelineError(
+                f"teacher GGUF file {path} is not a GGUF file: it starts with {bytes(data[:4])!r}, not {_GGUF_MAGIC!r}",
+                where="teacher.source", fix=fix,
+            )
+        try:
+            reader = _GGUFHeader(data)
+            version = reader.unpack("I")
+            if version not in (2, 3) and int.from_bytes(version.to_bytes(4, "little"), "big") in (2, 3):
+                reader.order, version = ">", int.from_bytes(version.to_bytes(4, "little"), "big")
+            if version not in (2, 3):
+                raise PipelineError(f"teacher GGUF file {path} has GGUF version {version}; versions 2 and 3 can be read",
+                                    where="teacher.source", fix="convert it with a current llama.cpp, or use a Hugging Face model directory")
+            n_tensors, n_kv = reader.unpack("Q"), reader.unpack("Q")
+            alignment = 32
+            for _ in range(n_kv):
+                key = reader.string()
+                value_type = reader.unpack("I")
+                if key == "general.alignment" and value_type == 4:
+                    alignment = reader.unpack("I")
+                else:
+                    reader.skip_value(value_type)
+            tensors = []
+            for _ in range(n_tensors):
+                name = reader.string()
+                dims = [reader.unpack("Q") for _ in range(reader.unpack("I"))]
+                kind, offset = reader.unpack("I"), reader.unpack("Q")
+                tensors.append((name, dims, kind, offset))
+            data_start = -(-reader.pos // max(alignment, 1)) * max(alignment, 1)
+        except _GGUFBroken as exc:
+            raise PipelineError(f"teacher GGUF file {path} {exc}", where="teacher.source", fix=fix) from None
+    end = data_start
+    for name, dims, kind, offset in tensors:
+        try:
+            block, type_size = GGML_QUANT_SIZES[GGMLQuantizationType(kind)]
+        except (ValueError, KeyError):
+            raise PipelineError(f"teacher GGUF file {path} is corrupt: tensor {name!r} has unknown type {kind}",
+                                where="teacher.source", fix=fix) from None
+        elements = 1
+        for dim in dims:
+            elements *= dim
+        end = max(end, data_start + offset + elements // block * type_size)
+    if not tensors:
+        raise PipelineError(f"teacher GGUF file {path} holds no tensors", where="teacher.source", fix=fix)
+    if end > size:
+        raise PipelineError(
+            f"teacher GGUF file {path} is truncated: it has {size} bytes, but its {len(tensors)} tensors need {end}",
+            where="teacher.source", fix=fix,
+        )
+
+
+class _GGUFHeader:
+    """A cursor over a GGUF file's header that raises _GGUFBroken when a read passes the end."""
+
+    def __init__(self, data: Any):
+        self.data, self.pos, self.order = data, 4, "<"
+
+    def take(self, n: int) -> int:
+        start = self.pos
+        if n < 0 or start + n > len(self.data):
+            raise _GGUFBroken(f"is truncated: its {len(self.data)} bytes end inside the header (metadata and tensor list)")
+        self.pos += n
+        return start
+
+    def unpack(self, code: str) -> int:
+        fmt = self.order + code
+        return struct.unpack_from(fmt, self.data, self.take(struct.calcsize(fmt)))[0]
+
+    def string(self) -> str:
+        length = self.unpack("Q")
+        start = self.take(length)
+        return bytes(self.data[start : start + length]).decode("utf-8", errors="replace")
+
+    def skip_value(self, value_type: int) -> None:
+        if value_type in _GGUF_SCALAR_SIZES:
+            self.take(_GGUF_SCALAR_SIZES[value_type])
+        elif value_type == _GGUF_STRING:
+            self.take(self.unpack("Q"))
+        elif value_type == _GGUF_ARRAY:
+            item_type, count = self.unpack("I"), self.unpack("Q")
+            if item_type in _GGUF_SCALAR_SIZES:
+                self.take(count * _GGUF_SCALAR_SIZES[item_type])
+            else:
+                for _ in range(count):
+                    self.skip_value(item_type)
+        else:
+            raise _GGUFBroken(f"is corrupt: its header has a metadata value of unknown type {value_type} before byte {self.pos}")
 
 
 def _load_hf_dir(path: Path, source: str) -> tuple[Any, Any, dict[str, Any]]:
