@@ -14,7 +14,9 @@ params.yaml::
       top_k: 50
       dtype: float32
 
-Reads the teacher from ``teacher.out_dir`` and the prompts from ``<prompts.out_dir>/prompts.jsonl``.
+Reads the teacher from ``teacher.out_dir`` and the prompts from ``<prompts.out_dir>/prompts.jsonl``;
+a prompt whose user turn is empty is skipped with a warning, counted in the manifest
+(``skipped_prompts``, with lines) and logged as the metric ``pseudo_labels.skipped_prompts``.
 The out dir is declared ``persist: true`` in dvc.yaml so a rerun after a kill keeps finished shards;
 the library deletes the shards that were made from other params, teacher or prompts.
 """
@@ -47,6 +49,7 @@ def main(ctx: StageContext) -> None:
             "pseudo_labels.finish_eos": manifest["finish_reasons"]["eos"],
             "pseudo_labels.finish_length": manifest["finish_reasons"]["length"],
             "pseudo_labels.empty_responses": manifest["empty_responses"],
+            "pseudo_labels.skipped_prompts": manifest["skipped_prompts"],  # empty user turns, not answered
             "pseudo_labels.seconds": seconds,
             "pseudo_labels.prompts_per_second": manifest["rows"] / seconds,
             "pseudo_labels.tokens_per_second": manifest["response_tokens"] / seconds,

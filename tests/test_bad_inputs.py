@@ -58,3 +58,84 @@ def test_a_corrupt_gguf_teacher_names_the_file_and_the_fix(gguf_bytes, tmp_path,
     assert str(path) in str(err.value) and err.value.where == "teacher.source"
     assert "download or copy the .gguf file again" in err.value.fix
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- prompts.jsonl and pseudo_labels
+
+
+def test_non_utf8_bytes_in_prompts_name_the_line_and_column(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(json.dumps([user("fine")]).encode() + b"\n" + b'[{"role": "user", "content": "caf\xe9"}]\n')
+    params = GenerationParams(max_new_tokens=2, batch_size=1, shard_size=1, seed=0)
+    with pytest.raises(PipelineError, match=r"prompts.jsonl is not UTF-8 text: byte 0xe9 at line 2, column 34") as err:
+        generate_pseudo_labels(prompts, tmp_path / "teacher", tmp_path / "out", params, progress=False)
+    assert err.value.where == f"{prompts}:2" and "UTF-8" in err.value.fix
+
+
+def test_pseudo_labels_skip_count_and_warn_about_an_empty_user_turn(tmp_path, caplog):
+    teacher = build_tiny_teacher(tmp_path / "teacher")
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [[user("Say hi.")], [user("   ")], [user("hello"), assistant("hi"), user("")], [user("Count to two.")]]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = GenerationParams(max_new_tokens=2, batch_size=4, shard_size=4, seed=0)
+    with caplog.at_level(logging.WARNING):
+        manifest = generate_pseudo_labels(prompts, teacher, tmp_path / "out", params, progress=False)
+    assert "skipped 2 of 4 prompts with an empty user turn (lines 2, 3)" in caplog.text
+    assert manifest["rows"] == 2 and manifest["skipped_prompts"] == 2
+    assert manifest["skipped_prompt_rows"] == [{"line": 2, "id": 1, "reason": "message 0 (user) is empty"},
+                                               {"line": 3, "id": 2, "reason": "message 2 (user) is empty"}]
+    written = [json.loads(line) for line in (tmp_path / "out" / "shard-00000.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in written] == [0, 3]
+
+
+# ---------------------------------------------------------------- damaged pseudo-label shards
+
+
+def write_shard(directory: Path, lines: list[str]) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "shard-00000.jsonl").write_text("".join(line + "\n" for line in lines))
+    return directory / "shard-00000.jsonl"
+
+
+GOOD_ROW = json.dumps({"id": 0, "messages": [user("Say hi."), assistant("Hi!")]})
+
+
+def every_reader(directory: Path):
+    """The three stages that read pseudo-labels, each up to the point where it reads them."""
+    from pipeline.train.distill import distill_ratio
+    from pipeline.train.params import DistillParams
+
+    root = directory.parent
+    yield "distill", lambda: distill_ratio(0.5, DistillParams(
+        ratios=(0.5,), teacher_dir=str(root / "no-teacher"), pseudo_labels_dir=str(directory),
+        models_dir=str(root / "models"), reports_dir=str(root / "reports")))
+    yield "sft", lambda: load_sft_conversations({"kind": "pseudo_labels", "dir": str(directory)})
+    yield "dpo", lambda: build_pairs(DPOParams(pairs={"kind": "self_built", "pseudo_labels_dir": str(directory)}), None, None)
+
+
+def test_a_broken_json_line_in_a_shard_names_shard_and_line(tmp_path):
+    shard = write_shard(tmp_path / "pseudo_labels", [GOOD_ROW, '{"id": 1, "messages": [{"role": "user", "content": "x"}'])
+    for stage, read in every_reader(shard.parent):
+        with pytest.raises(PipelineError, match=r"pseudo-label row is not valid JSON") as err:
+            read()
+        assert err.value.where == f"{shard}:2", stage
+        assert "dvc repro pseudo_labels" in err.value.fix
+
+
+def test_a_shard_row_without_messages_names_shard_and_line(tmp_path):
+    shard = write_shard(tmp_path / "pseudo_labels", [GOOD_ROW, json.dumps({"id": 1, "text": "Hi!"})])
+    for stage, read in every_reader(shard.parent):
+        with pytest.raises(PipelineError, match=r"pseudo-label row has no 'messages' \(keys: id, text\)") as err:
+            read()
+        assert err.value.where == f"{shard}:2", stage
+
+
+def test_pseudo_labels_whose_answers_are_all_empty_stop_distill(tmp_path):
+    rows = [json.dumps({"id": i, "messages": [user(f"question {i}?"), assistant("")]}) for i in range(3)]
+    directory = write_shard(tmp_path / "pseudo_labels", rows).parent
+    message = r"all 3 pseudo-label answers in .* are empty, so distillation would learn nothing but end-of-turn tokens"
+    with pytest.raises(PipelineError, match=message) as err:
+        dict(every_reader(directory))["distill"]()
+    assert "teacher.source" in err.value.fix
+    write_shard(directory, [*rows, GOOD_ROW])  # one real answer is enough to train on
+    assert len(read_conversations(directory)) == 4

@@ -61,6 +61,7 @@ from pipeline.data.prompts import (
     load_hub_split,
     normalise_text,
 )
+from pipeline.data.pseudo_labels import read_shard
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,8 @@ def read_pseudo_labels(directory: str | os.PathLike) -> list[tuple[str, Messages
     """(id, conversation) of every row in ``shard-*.jsonl`` under ``directory``, in shard order.
 
     Reads what exists: a directory without its manifest (a run still writing) is a warning, so a
-    stage can start from the finished shards; no shard at all is an error.
+    stage can start from the finished shards; no shard at all is an error, and so is a damaged row
+    (named by shard and line).
     """
     directory = Path(directory)
     shards = sorted(directory.glob("shard-*.jsonl"))
@@ -370,13 +372,7 @@ def read_pseudo_labels(directory: str | os.PathLike) -> list[tuple[str, Messages
     if not (directory / "manifest.json").exists():
         log.warning("%s has no manifest.json: the pseudo-labels are incomplete; using the %d finished shards",
                     directory, len(shards))
-    rows = []
-    for shard in shards:
-        for lineno, line in enumerate(shard.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                row = json.loads(line)
-                rows.append((f"{shard.name}:{row.get('id', lineno)}", row["messages"]))
-    return rows
+    return [(f"{shard.name}:{row.get('id', lineno)}", row["messages"]) for shard in shards for lineno, row in read_shard(shard)]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import re
 import time
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, atomic_write_text
@@ -120,16 +120,20 @@ def teacher_sha256(teacher_dir: str | Path) -> str:
     return digest.hexdigest()
 
 
-def read_prompts(path: str | Path) -> list[Prompt]:
+def read_prompts(path: str | Path, skipped: list[dict[str, Any]] | None = None) -> list[Prompt]:
     """Read prompts.jsonl: each line a conversation (a list of {role, content}) ending with a user turn.
 
-    A line may also be an object {"id": ..., "messages": [...]}; a plain list gets its line index as id.
+    A line may also be an object {"id": ..., "messages": [...]}; a plain list gets its row index
+    (among non-blank lines) as id. A conversation with an empty user turn gives the teacher nothing
+    to answer: it is skipped with a warning and recorded in ``skipped`` ({line, id, reason}).
     """
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"prompt file {path} not found", where=str(path), fix="run `dvc repro prompts` first")
-    prompts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    skipped = [] if skipped is None else skipped
+    prompts, index = [], 0
+    lines = utf8_lines(path, "prompt file", fix="write prompts.jsonl as UTF-8 (rerun `dvc repro prompts`, or re-encode the file)")
+    for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
@@ -137,14 +141,73 @@ def read_prompts(path: str | Path) -> list[Prompt]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise PipelineError(f"line is not valid JSON: {exc}", where=where) from exc
-        prompt_id, messages = (row.get("id", len(prompts)), row.get("messages")) if isinstance(row, dict) else (len(prompts), row)
+        prompt_id, messages = (row.get("id", index), row.get("messages")) if isinstance(row, dict) else (index, row)
+        index += 1
         _check_conversation(messages, where)
+        empty = [i for i, m in enumerate(messages) if m["role"] == "user" and not m["content"].strip()]
+        if empty:
+            skipped.append({"line": lineno, "id": prompt_id, "reason": f"message {empty[0]} (user) is empty"})
+            continue
         prompts.append(Prompt(id=prompt_id, messages=messages))
+    if skipped:
+        log.warning("%s: skipped %d of %d prompts with an empty user turn (lines %s): the teacher would answer nothing",
+                    path, len(skipped), index, ", ".join(str(s["line"]) for s in skipped[:20]) + (", ..." if len(skipped) > 20 else ""))
     if not prompts:
         raise PipelineError(
-            f"prompt file {path} holds no prompts", where=str(path), fix="check the prompts stage (params.yaml: prompts) and rerun it"
+            f"prompt file {path} holds no prompts" + (f" ({len(skipped)} skipped for an empty user turn)" if skipped else ""),
+            where=str(path), fix="check the prompts stage (params.yaml: prompts) and rerun it",
         )
     return prompts
+
+
+def utf8_lines(path: Path, what: str, fix: str) -> list[str]:
+    """The lines of a UTF-8 text file (split at ``\\n`` only, as JSONL is); other bytes are a PipelineError naming the line."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (data.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PipelineError(
+            f"{what} {path} is not UTF-8 text: byte 0x{data[exc.start]:02x} at line {line}, column {column} ({exc.reason})",
+            where=f"{path}:{line}", fix=fix,
+        ) from None
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def read_shard(shard: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each row of a pseudo-label shard, every row an object with a ``messages`` conversation.
+
+    A damaged shard (bytes that are not UTF-8, a line that is not JSON, a row without ``messages``)
+    is a PipelineError naming the shard and the line, for every stage that reads pseudo-labels.
+    """
+    fix = ("regenerate the pseudo-labels: rerun `dvc repro pseudo_labels` (a shard whose content no longer "
+           "matches its .done.json is generated again), or delete the damaged line")
+    for lineno, line in enumerate(utf8_lines(shard, "pseudo-label shard", fix), start=1):
+        if not line.strip():
+            continue
+        where = f"{shard}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise PipelineError(f"pseudo-label row is not valid JSON ({exc.msg} at column {exc.colno})", where=where, fix=fix) from None
+        if not isinstance(row, dict):
+            raise PipelineError(f"pseudo-label row is a JSON {json_type(row)}, not an object with 'messages'", where=where, fix=fix)
+        if "messages" not in row:
+            keys = ", ".join(sorted(map(str, row))) or "none"
+            raise PipelineError(f"pseudo-label row has no 'messages' (keys: {keys})", where=where, fix=fix)
+        messages = row["messages"]
+        if not (isinstance(messages, list) and messages and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages)):
+            raise PipelineError("pseudo-label row's 'messages' is not a non-empty list of {role, content} strings",
+                                where=where, fix=fix)
+        yield lineno, row
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type (object, array, string, ...), for error messages."""
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
 
 
 def _check_conversation(messages: Any, where: str) -> None:
@@ -281,7 +344,8 @@ def generate_pseudo_labels(
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
-    prompts = read_prompts(prompts_path)
+    skipped: list[dict[str, Any]] = []
+    prompts = read_prompts(prompts_path, skipped)
     teacher_hash, prompts_hash = teacher_sha256(teacher_dir), sha256_file(prompts_path)
     expected = fingerprint(params, teacher_hash, prompts_hash)
     num_shards = math.ceil(len(prompts) / params.shard_size)
@@ -320,6 +384,7 @@ def generate_pseudo_labels(
     bar.close()
 
     manifest = _manifest(records, params, teacher_hash, prompts_hash, expected)
+    manifest["skipped_prompts"], manifest["skipped_prompt_rows"] = len(skipped), skipped[:1000]
     if manifest["empty_responses"]:
         log.warning("the teacher gave %d empty answers (kept, ids %s)", manifest["empty_responses"], manifest["empty_response_ids"])
     atomic_write_json(out_dir / MANIFEST, manifest)

@@ -21,7 +21,6 @@ assistant tokens (the answer and its end-of-turn token) are marked as scored; wi
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +48,20 @@ class TokenRow:
 
 
 def read_conversations(pseudo_labels_dir: str | Path) -> list[list[dict[str, str]]]:
-    """All conversations of the pseudo-label shards, in shard and line order."""
+    """All conversations of the pseudo-label shards, in shard and line order.
+
+    A damaged row is an error naming its shard and line; so is a set whose answers are all empty
+    (distillation would train on end-of-turn tokens only).
+    """
+    from pipeline.data.pseudo_labels import read_shard
+
     root = Path(pseudo_labels_dir)
     shards = sorted(root.glob("shard-*.jsonl")) if root.is_dir() else []
     conversations = []
     for shard in shards:
-        for lineno, line in enumerate(shard.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            messages = json.loads(line).get("messages")
-            if not (isinstance(messages, list) and messages and messages[-1].get("role") == "assistant"):
+        for lineno, row in read_shard(shard):
+            messages = row["messages"]
+            if messages[-1]["role"] != "assistant":
                 raise PipelineError(
                     "pseudo-label row does not end with an assistant answer",
                     where=f"{shard}:{lineno}",
@@ -70,6 +73,14 @@ def read_conversations(pseudo_labels_dir: str | Path) -> list[list[dict[str, str
             f"no pseudo-label conversations found in {root}",
             where=str(root),
             fix="run `dvc repro pseudo_labels` first, or point distill.pseudo_labels_dir at its out_dir",
+        )
+    if not any(messages[-1]["content"].strip() for messages in conversations):
+        raise PipelineError(
+            f"all {len(conversations)} pseudo-label answers in {root} are empty, so distillation would learn "
+            "nothing but end-of-turn tokens",
+            where=str(root),
+            fix="the teacher ended every answer at once: check that teacher.source is a chat model that answers "
+            "its prompts (and pseudo_labels.max_new_tokens > 0), then regenerate the pseudo-labels",
         )
     return conversations
 
