@@ -18,6 +18,8 @@ epoch or beta 0.1 for 3 epochs, on UltraFeedback-binarized)::
       # pairs: {kind: files, paths: [../shared/data/hh_rlhf/helpful-base/test.jsonl.gz]}
       # pairs: {kind: hub, name: HuggingFaceH4/ultrafeedback_binarized, split: train_prefs}   # online only
       max_pairs: null
+      max_malformed_fraction: 0.1   # files / hub: malformed rows are skipped with a warning (metric
+                                    # dpo.malformed_rows); more than this fraction stops the stage
       beta: 0.01
       loss_type: sigmoid
       lr: 5.0e-7
@@ -111,7 +113,8 @@ def main(ctx: StageContext) -> None:
             manifest = report.to_dict()
             atomic_write_json(resume_dir / PAIRS_MANIFEST, manifest)
             atomic_write_text(resume_dir / PAIRS_FILE, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs))
-    ctx.log_metrics({"dpo.pairs": len(pairs), "dpo.empty_excluded": manifest["empty_excluded"],
+    ctx.log_metrics({"dpo.pairs": len(pairs), "dpo.rows_read": manifest["rows_read"],
+                     "dpo.malformed_rows": manifest["malformed_count"], "dpo.empty_excluded": manifest["empty_excluded"],
                      "dpo.identical_excluded": manifest["identical_excluded"],
                      "dpo.student_preferred_dropped": manifest["student_preferred_dropped"]})
 

@@ -139,3 +139,98 @@ def test_pseudo_labels_whose_answers_are_all_empty_stop_distill(tmp_path):
     assert "teacher.source" in err.value.fix
     write_shard(directory, [*rows, GOOD_ROW])  # one real answer is enough to train on
     assert len(read_conversations(directory)) == 4
+
+
+# ---------------------------------------------------------------- preference files with malformed rows
+
+
+def preference_rows(good: int) -> list[dict]:
+    """``good`` usable rows followed by six that each lack a field."""
+    rows = [{"prompt": f"Q{i}?", "chosen": "Yes.", "rejected": "No."} for i in range(good)]
+    return rows + [
+        {"chosen": "Yes.", "rejected": "No."},  # no prompt
+        {"prompt": "Q?", "chosen": "Yes."},  # no rejected
+        {"prompt": [user("Q?")], "chosen": [assistant("Yes.")], "rejected": [{"role": "assistant"}]},  # no rejected content
+        {"prompt": [user("Q?")], "chosen": [{"content": "Yes."}], "rejected": [assistant("No.")]},  # no role
+        {"conversations": [{"from": "human", "value": "Q?"}], "chosen": {"from": "gpt"}, "rejected": {"from": "gpt", "value": "No."}},
+        {"chosen": [assistant("Yes.")], "rejected": [assistant("No.")]},  # trl conversational without its prompt
+    ]
+
+
+EXPECTED_REASONS = [
+    "row has 'chosen' and 'rejected' strings but no 'prompt', and they are not HH-RLHF transcripts",
+    "row has no 'rejected' (keys: chosen, prompt)",
+    "'rejected' message 0 has no 'content'",
+    "'chosen' message 0 has no 'role'",
+    "'chosen' has no 'value'",
+    "row has 'chosen' and 'rejected' message lists but no 'prompt', and 'chosen' holds no turn before its answer",
+]
+
+
+def test_preference_rows_lacking_a_field_name_the_field_and_stop_above_the_threshold(tmp_path):
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in preference_rows(good=2)))
+    _, report = load_preference_pairs({"kind": "files", "paths": [str(path)]})  # no threshold: what was read
+    assert [(m.line, m.reason[: len(want)]) for m, want in zip(report.malformed, EXPECTED_REASONS)] == list(
+        zip(range(3, 9), EXPECTED_REASONS))
+    params = DPOParams(pairs={"kind": "files", "paths": [str(path)]})
+    assert params.max_malformed_fraction == 0.1
+    message = r"6 of 8 preference rows are malformed \(75.0%\), more than dpo.max_malformed_fraction = 0.1; first: "
+    with pytest.raises(PipelineError, match=message) as err:
+        build_pairs(params, None, None)
+    assert f"{path}:3: row has 'chosen' and 'rejected' strings but no 'prompt'" in str(err.value)
+    assert err.value.where == str(path) and "raise dpo.max_malformed_fraction" in err.value.fix
+
+
+class StopAfterPairs(Exception):
+    pass
+
+
+class PairMetrics:
+    """Records the dpo stage's metrics and stops it once the pairs are counted (before any training)."""
+
+    def __init__(self):
+        self.metrics = {}
+
+    def log_metrics(self, values, step=None):
+        self.metrics.update(values)
+        if "dpo.pairs" in values:
+            raise StopAfterPairs
+
+    def log_params(self, values):
+        pass
+
+    def set_tags(self, tags):
+        pass
+
+    def log_artifact(self, path):
+        pass
+
+
+def test_a_few_malformed_preference_rows_are_a_printed_warning_and_an_mlflow_metric(tmp_path, monkeypatch, caplog):
+    import yaml
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import pipeline.models  # noqa: F401
+    from pipeline.models.builder import build_hybrid
+    from pipeline.params import load_params
+    from pipeline.stage import StageContext
+    from stages.dpo import main as dpo_main
+
+    teacher_dir = build_tiny_teacher(tmp_path / "models" / "teacher")
+    build_hybrid(AutoModelForCausalLM.from_pretrained(teacher_dir), [1]).save_pretrained(tmp_path / "models" / "sft_0.5")
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(tmp_path / "models" / "sft_0.5")
+    rows = preference_rows(good=54)  # 6 of 60 rows: exactly the 10% limit, still a warning
+    (tmp_path / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params_path = tmp_path / "params.yaml"
+    params_path.write_text(yaml.safe_dump({"distill": {"ratios": [0.5]},
+                                           "dpo": {"pairs": {"kind": "files", "paths": ["prefs.jsonl"]}, "max_steps": 1}}))
+    params = load_params(params_path)
+    ctx = StageContext(name="dpo@0.5", section_name="dpo", key="0.5", params=params, params_path=params_path,
+                       cfg=params["dpo"], tracker=PairMetrics())
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING), pytest.raises(StopAfterPairs):
+        dpo_main(ctx)
+    assert "6 of 60 preference rows are malformed (10.0%) and skipped; first: " in caplog.text
+    assert ctx.tracker.metrics["dpo.malformed_rows"] == 6 and ctx.tracker.metrics["dpo.rows_read"] == 60
+    assert ctx.tracker.metrics["dpo.pairs"] == 54

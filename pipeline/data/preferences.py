@@ -26,7 +26,9 @@ Then every pair, from any source, is checked: a pair whose chosen and rejected a
 same text (after :func:`~pipeline.data.prompts.normalise_text`) carries no preference, and a pair
 with an empty turn (prompt or answer) trains on nothing; both are excluded and counted in the
 manifest (:class:`PreferenceReport`), never dropped silently. Rows that cannot be read are
-*malformed*: counted and listed with file:line and reason.
+*malformed*: counted and listed with file:line and the missing or mistyped field, printed as a
+warning, and logged by the dpo stage as the metric ``dpo.malformed_rows``; more than
+``dpo.max_malformed_fraction`` of the rows (default 0.1) stops the stage with an error.
 
 Self-built pairs (the default: no external data, :func:`build_self_pairs`). For each
 pseudo-label row, the teacher's answer is ``chosen`` and an answer sampled from the current
@@ -61,7 +63,7 @@ from pipeline.data.prompts import (
     load_hub_split,
     normalise_text,
 )
-from pipeline.data.pseudo_labels import read_shard
+from pipeline.data.pseudo_labels import json_type, read_shard
 from pipeline.errors import PipelineError
 
 log = logging.getLogger(__name__)
@@ -115,28 +117,36 @@ def parse_preference_row(row: Any) -> tuple[str, Messages, str, str]:
     """Recognise one row's shape; return (shape, prompt messages, chosen text, rejected text).
 
     Empty texts are returned as they are (the exclusion step counts them); only rows that cannot
-    be read at all raise :class:`MalformedRowError`.
+    be read at all raise :class:`MalformedRowError`, whose message names the missing or mistyped
+    field (``'rejected' message 0 has no 'content'``).
     """
     if not isinstance(row, dict):
-        raise MalformedRowError(f"row is a JSON {type(row).__name__}, not an object")
-    if "chosen" not in row or "rejected" not in row:
-        raise MalformedRowError(f"row has no chosen/rejected pair (keys: {', '.join(sorted(map(str, row))) or 'none'})")
+        raise MalformedRowError(f"row is a JSON {json_type(row)}, not an object")
+    missing = [name for name in ("chosen", "rejected") if name not in row]
+    if missing:
+        raise MalformedRowError(f"row has no {' and no '.join(map(repr, missing))} (keys: {_keys(row)})")
     chosen, rejected = row["chosen"], row["rejected"]
     if "conversations" in row:
         return ("sharegpt", *_sharegpt_row(row))
     if isinstance(chosen, str) and isinstance(rejected, str):
         if "prompt" in row:
-            return "text", [{"role": "user", "content": _string(row["prompt"], "prompt")}], chosen.strip(), rejected.strip()
+            return "text", [{"role": "user", "content": _string(row["prompt"], "'prompt'")}], chosen.strip(), rejected.strip()
+        if "\n\nHuman:" not in chosen and "\n\nHuman:" not in rejected:
+            raise MalformedRowError(
+                "row has 'chosen' and 'rejected' strings but no 'prompt', and they are not HH-RLHF transcripts "
+                "('\\n\\nHuman: ... \\n\\nAssistant: ...')"
+            )
         return ("hh_rlhf", *_hh_row(chosen, rejected))
     if isinstance(chosen, list) and isinstance(rejected, list):
-        chosen_msgs = _messages(chosen, "role", "content", {"user": "user", "assistant": "assistant", "system": "system"})
-        rejected_msgs = _messages(rejected, "role", "content", {"user": "user", "assistant": "assistant", "system": "system"})
+        roles = {"user": "user", "assistant": "assistant", "system": "system"}
+        chosen_msgs = _messages(chosen, "role", "content", roles, "chosen")
+        rejected_msgs = _messages(rejected, "role", "content", roles, "rejected")
         if isinstance(row.get("prompt"), list):
-            prompt = _messages(row["prompt"], "role", "content", {"user": "user", "assistant": "assistant", "system": "system"})
+            prompt = _messages(row["prompt"], "role", "content", roles, "prompt")
             return "conversational", prompt, _last_answer(chosen_msgs, "chosen"), _last_answer(rejected_msgs, "rejected")
-        return ("ultrafeedback", *_full_conversations(chosen_msgs, rejected_msgs))
+        return ("ultrafeedback", *_full_conversations(chosen_msgs, rejected_msgs, has_prompt="prompt" in row))
     raise MalformedRowError(
-        f"chosen/rejected are {type(chosen).__name__}/{type(rejected).__name__}; expected strings, message lists, "
+        f"'chosen'/'rejected' are a JSON {json_type(chosen)}/{json_type(rejected)}; expected strings, message lists, "
         "or {from, value} objects with 'conversations'"
     )
 
@@ -157,8 +167,11 @@ def _hh_row(chosen: str, rejected: str) -> tuple[Messages, str, str]:
     return prompt, chosen[start:].strip(), rejected[start:].strip()
 
 
-def _full_conversations(chosen: Messages, rejected: Messages) -> tuple[Messages, str, str]:
+def _full_conversations(chosen: Messages, rejected: Messages, has_prompt: bool = True) -> tuple[Messages, str, str]:
     prompt = chosen[:-1]
+    if not prompt and not has_prompt:
+        raise MalformedRowError("row has 'chosen' and 'rejected' message lists but no 'prompt', and 'chosen' holds no "
+                                "turn before its answer")
     same = [(m["role"], normalise_text(m["content"])) for m in prompt] == [
         (m["role"], normalise_text(m["content"])) for m in rejected[:-1]
     ]
@@ -168,7 +181,7 @@ def _full_conversations(chosen: Messages, rejected: Messages) -> tuple[Messages,
 
 
 def _sharegpt_row(row: dict[str, Any]) -> tuple[Messages, str, str]:
-    prompt = _messages(row["conversations"], "from", "value", SHAREGPT_ROLES)
+    prompt = _messages(row["conversations"], "from", "value", SHAREGPT_ROLES, "conversations")
     system = row.get("system")
     if isinstance(system, str) and system.strip() and not any(m["role"] == "system" for m in prompt):
         prompt = [{"role": "system", "content": system}, *prompt]
@@ -177,21 +190,25 @@ def _sharegpt_row(row: dict[str, Any]) -> tuple[Messages, str, str]:
         answer = row[name]
         if not isinstance(answer, dict) or SHAREGPT_ROLES.get(str(answer.get("from")).lower()) != "assistant":
             raise MalformedRowError(f"'{name}' is not a {{from: gpt, value: ...}} answer")
-        answers.append(_string(answer.get("value"), f"{name} value").strip())
+        answers.append(_field(answer, "value", f"'{name}'").strip())
     return prompt, answers[0], answers[1]
 
 
-def _messages(items: Any, role_key: str, content_key: str, role_names: dict[str, str]) -> Messages:
+def _messages(items: Any, role_key: str, content_key: str, role_names: dict[str, str], name: str) -> Messages:
+    """``items`` (the row's field ``name``) as {role, content} messages; a bad message names the field and index."""
     if not isinstance(items, list) or not items:
-        raise MalformedRowError("messages are not a non-empty list")
+        raise MalformedRowError(f"'{name}' is not a non-empty list of messages")
     messages = []
     for index, item in enumerate(items):
+        where = f"'{name}' message {index}"
         if not isinstance(item, dict):
-            raise MalformedRowError(f"message {index} is a {type(item).__name__}, not an object")
-        role = role_names.get(str(item.get(role_key)).lower())
+            raise MalformedRowError(f"{where} is a JSON {json_type(item)}, not an object")
+        if role_key not in item:
+            raise MalformedRowError(f"{where} has no '{role_key}'")
+        role = role_names.get(str(item[role_key]).lower())
         if role is None:
-            raise MalformedRowError(f"message {index} has unknown {role_key} {item.get(role_key)!r}")
-        content = _string(item.get(content_key), f"message {index} {content_key}")
+            raise MalformedRowError(f"{where} has unknown {role_key} {item[role_key]!r}")
+        content = _field(item, content_key, where)
         if role == "system" and not content.strip():
             continue  # an empty system slot means "no system prompt", not an empty turn
         messages.append({"role": role, "content": content.strip()})
@@ -204,10 +221,20 @@ def _last_answer(messages: Messages, name: str) -> str:
     return messages[-1]["content"]
 
 
+def _field(obj: dict[str, Any], key: str, where: str) -> str:
+    if key not in obj:
+        raise MalformedRowError(f"{where} has no '{key}'")
+    return _string(obj[key], f"{where} '{key}'")
+
+
 def _string(value: Any, name: str) -> str:
     if not isinstance(value, str):
-        raise MalformedRowError(f"{name} is a {type(value).__name__}, not a string")
+        raise MalformedRowError(f"{name} is a JSON {json_type(value)}, not a string")
     return value
+
+
+def _keys(row: dict[str, Any]) -> str:
+    return ", ".join(sorted(map(str, row))) or "none"
 
 
 # ---------------------------------------------------------------- exclusion
@@ -256,12 +283,15 @@ def load_preference_pairs(
     *,
     base_dir: str | os.PathLike | None = None,
     max_pairs: int | None = None,
+    max_malformed_fraction: float | None = None,
     where: str = "dpo.pairs",
 ) -> tuple[list[dict[str, Any]], PreferenceReport]:
     """Read pairs from files or the hub (``spec.kind``: files | hub), excluding unusable ones.
 
     ``{kind: files, paths: [...]}`` (JSONL, JSON array, or gzipped JSONL; shapes may mix);
     ``{kind: hub, name, split, config, max_rows}`` (online only; offline is a PipelineError).
+    Malformed rows are skipped with a warning (see :func:`check_malformed`); more than
+    ``max_malformed_fraction`` of the rows read is a PipelineError.
     """
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind not in ("files", "hub"):
@@ -269,6 +299,7 @@ def load_preference_pairs(
                             fix="e.g. {kind: files, paths: [../shared/data/hh_rlhf/helpful-base/test.jsonl.gz]}")
     report = PreferenceReport(source=dict(spec))
     rows = _from_files(spec, Path(base_dir or Path.cwd()), report, where) if kind == "files" else _from_hub(spec, report, where)
+    check_malformed(report, max_malformed_fraction)
     pairs = keep_usable(rows, report)
     if max_pairs is not None and len(pairs) > max_pairs:
         report.truncated = len(pairs) - max_pairs
@@ -281,6 +312,26 @@ def load_preference_pairs(
         )
     report.pairs_used = len(pairs)
     return pairs, report
+
+
+def check_malformed(report: PreferenceReport, max_fraction: float | None, param: str = "dpo.max_malformed_fraction") -> None:
+    """Warn about malformed rows (logged and kept in ``report.warnings``); stop when they are more than
+    ``max_fraction`` of the rows read (None: never stop)."""
+    if not report.malformed_count:
+        return
+    fraction = report.malformed_count / max(report.rows_read, 1)
+    first = "; ".join(str(m) for m in report.malformed[:5])
+    summary = f"{report.malformed_count} of {report.rows_read} preference rows are malformed ({fraction:.1%})"
+    if max_fraction is not None and fraction > max_fraction:
+        files = sorted({m.file for m in report.malformed})
+        raise PipelineError(
+            f"{summary}, more than {param} = {max_fraction:g}; first: {first}",
+            where=", ".join(files),
+            fix=f"repair or remove the rows listed (file:line: reason), or raise {param} to train on the rest",
+        )
+    message = f"{summary} and skipped; first: {first}"
+    report.warnings.append(message)
+    log.warning("%s", message)
 
 
 def _from_files(spec: dict[str, Any], base: Path, report: PreferenceReport, where: str) -> list[dict[str, Any]]:

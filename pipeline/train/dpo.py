@@ -48,12 +48,17 @@ class DPOParams(TrainParams):
     loss_type: str = "sigmoid"
     pairs: dict[str, Any] = field(default_factory=lambda: {"kind": "self_built", "pseudo_labels_dir": "data/pseudo_labels"})
     max_pairs: int | None = None
+    max_malformed_fraction: float = 0.1  # files / hub pairs: more malformed rows than this stops the stage
     teacher_dir: str = "models/teacher"
 
     def validate(self, where: str) -> None:
         super().validate(where)
         if not (isinstance(self.beta, (int, float)) and self.beta > 0):
             raise PipelineError(f"beta must be > 0, got {self.beta!r}", where=f"{where}.beta")
+        fraction = self.max_malformed_fraction
+        if isinstance(fraction, bool) or not (isinstance(fraction, (int, float)) and 0 <= fraction <= 1):
+            raise PipelineError(f"max_malformed_fraction must be in [0, 1], got {fraction!r}",
+                                where=f"{where}.max_malformed_fraction", fix="e.g. 0.1: stop when more than 10% of the rows are malformed")
         kind = self.pairs.get("kind") if isinstance(self.pairs, dict) else None
         if kind not in ("files", "hub", "self_built"):
             raise PipelineError(f"pairs.kind must be files, hub or self_built, got {self.pairs!r}", where=f"{where}.pairs",
@@ -71,7 +76,8 @@ def build_pairs(params: DPOParams, student, tokenizer, base_dir: str | Path | No
     base = Path(base_dir or Path.cwd())
     spec = dict(params.pairs)
     if spec["kind"] != "self_built":
-        return load_preference_pairs(spec, base_dir=base, max_pairs=params.max_pairs, where=where)
+        return load_preference_pairs(spec, base_dir=base, max_pairs=params.max_pairs,
+                                     max_malformed_fraction=params.max_malformed_fraction, where=where)
     options = {k: v for k, v in spec.items() if k not in ("kind", "pseudo_labels_dir")}
     self_params = SelfPairParams(**options)
     labels_dir = Path(spec.get("pseudo_labels_dir", "data/pseudo_labels"))
