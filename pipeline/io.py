@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,14 +44,35 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete what a killed :func:`atomic_directory` write of ``path`` left beside it; return what was removed.
+
+    A kill (SIGKILL, power loss) skips the cleanup of the ``with`` block, so ``.<name>.<random>.tmp/``
+    (and ``.<name>.old/`` when the kill fell between the two renames) would stay forever. Only names of
+    exactly that form are touched, so outputs whose names extend ``path``'s (``distill_0.5`` and
+    ``distill_0.55``) never remove each other's files.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:[a-z0-9_]{{8}}\.tmp|old)$")
+    removed = []
+    if path.parent.is_dir():
+        for leftover in path.parent.iterdir():
+            if pattern.match(leftover.name) and leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+                removed.append(leftover)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
 
-    On an exception the temporary directory is removed and ``path`` is left as it was.
+    On an exception the temporary directory is removed and ``path`` is left as it was; what an
+    earlier, killed write of ``path`` left behind is removed first (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:

@@ -234,3 +234,36 @@ def test_a_few_malformed_preference_rows_are_a_printed_warning_and_an_mlflow_met
     assert "6 of 60 preference rows are malformed (10.0%) and skipped; first: " in caplog.text
     assert ctx.tracker.metrics["dpo.malformed_rows"] == 6 and ctx.tracker.metrics["dpo.rows_read"] == 60
     assert ctx.tracker.metrics["dpo.pairs"] == 54
+
+
+# ---------------------------------------------------------------- a kill during the final model write
+
+
+# pipeline/io.py loaded by path: importing the package would load torch and transformers (~6 s).
+KILLED_WRITE = """
+import importlib.util, os, signal, sys
+spec = importlib.util.spec_from_file_location("pipeline_io", sys.argv[2])
+io = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(io)
+with io.atomic_directory(sys.argv[1]) as tmp:
+    (tmp / "model.safetensors").write_bytes(b"half a model")
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_write_killed_mid_way_leaves_nothing_after_the_next_run(tmp_path):
+    models = tmp_path / "models"
+    out = models / "distill_0.5"
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(out), str(REPO_ROOT / "pipeline" / "io.py")])
+    assert killed.returncode == -signal.SIGKILL
+    leftovers = [p.name for p in models.iterdir()]
+    assert len(leftovers) == 1 and leftovers[0].startswith(".distill_0.5.") and leftovers[0].endswith(".tmp")
+    (models / ".distill_0.5.old").mkdir()  # a kill between the two renames leaves this one
+    keep = [models / ".distill_0.5.resume", models / ".distill_0.55.abcdefgh.tmp", models / "distill_0.55"]
+    for path in keep:  # the resume dir and another output's write in progress are not leftovers of this one
+        path.mkdir()
+
+    with atomic_directory(out) as tmp:  # the rerun's final write
+        (tmp / "model.safetensors").write_bytes(b"a whole model")
+    assert sorted(p.name for p in models.iterdir()) == sorted(["distill_0.5", *(p.name for p in keep)])
+    assert (out / "model.safetensors").read_bytes() == b"a whole model"
