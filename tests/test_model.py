@@ -73,11 +73,14 @@ def test_no_layer_converted_equals_teacher(family):
             assert (out - ref)[valid].abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("init", ["attention", "reference"])
 @pytest.mark.parametrize("mixer", ["mamba2", "mamba1"])
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_attention_to_mamba_init_mapping_is_exact(family, mixer):
+def test_attention_to_mamba_init_mapping_is_exact(family, mixer, init):
+    from pipeline.models.modeling_hybrid import GATE_ONE
+
     teacher = tiny_teacher(family)
-    hybrid = build_hybrid(teacher, attention_layers=[1, 3], mixer_type=mixer)
+    hybrid = build_hybrid(teacher, attention_layers=[1, 3], mixer_type=mixer, mixer_init=init)
     cfg = hybrid.config
     for i in (0, 2):
         attn = teacher.model.layers[i].self_attn
@@ -94,7 +97,11 @@ def test_attention_to_mamba_init_mapping_is_exact(family, mixer):
                 assert torch.equal(b[d_inner : d_inner + d_xb], attn.v_proj.bias)
                 assert torch.equal(b[d_inner + d_xb : d_inner + 2 * d_xb], attn.k_proj.bias)
                 assert torch.equal(b[d_inner + 2 * d_xb : 2 * d_inner + 2 * d_xb], attn.q_proj.bias)
-                assert b[:d_inner].abs().sum() == 0 and b[-cfg.num_attention_heads :].abs().sum() == 0
+                assert b[-cfg.num_attention_heads :].abs().sum() == 0
+            if init == "attention":  # z's weights 0 and its bias GATE_ONE: the gate is exactly 1
+                assert w[:d_inner].abs().sum() == 0 and torch.all(m.in_proj.bias[:d_inner] == GATE_ONE)
+            elif m.in_proj.bias is not None:
+                assert m.in_proj.bias[:d_inner].abs().sum() == 0
             a = torch.exp(m.A_log)
             assert a.min() >= 1.0 and a.max() <= 16.0
         else:
@@ -105,8 +112,18 @@ def test_attention_to_mamba_init_mapping_is_exact(family, mixer):
                 assert torch.equal(m.in_proj_x.bias, attn.v_proj.bias)
                 assert torch.equal(m.C_proj.bias, attn.q_proj.bias)
             assert torch.equal(m.A_log[0], torch.log(torch.arange(1, cfg.mamba_d_state + 1).float()))
+            if init == "attention":
+                assert m.in_proj_z.weight.abs().sum() == 0 and torch.all(m.in_proj_z.bias == GATE_ONE)
+            else:
+                assert m.in_proj_z.bias is None
         assert torch.equal(m.out_proj.weight, attn.o_proj.weight)
-        assert torch.equal(m.D, torch.ones_like(m.D))
+        if init == "attention":  # the conv passes each token through and there is no skip
+            identity = torch.zeros_like(m.conv1d.weight)
+            identity[:, 0, -1] = 1
+            assert torch.equal(m.conv1d.weight, identity) and m.conv1d.bias.abs().sum() == 0
+            assert torch.equal(m.D, torch.zeros_like(m.D))
+        else:
+            assert torch.equal(m.D, torch.ones_like(m.D))
         dt = torch.nn.functional.softplus(m.dt_bias)
         assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6
         src = teacher.model.layers[i]

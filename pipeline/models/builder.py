@@ -18,7 +18,7 @@ from transformers import PreTrainedModel
 
 from pipeline.errors import PipelineError
 from pipeline.models.configuration_hybrid import MIXER_TYPES, HybridMambaConfig
-from pipeline.models.modeling_hybrid import HybridMambaForCausalLM
+from pipeline.models.modeling_hybrid import MIXER_INITS, HybridMambaForCausalLM
 from pipeline.models.teacher import SUPPORTED_TEACHER_TYPES, attention_window
 
 
@@ -107,13 +107,18 @@ def build_hybrid(
     mixer_type: str | None = None,
     *,
     seed: int = 0,
+    mixer_init: str = "attention",
     **mamba_overrides,
 ) -> HybridMambaForCausalLM:
     """Turn ``source`` (a teacher, or a hybrid with more attention) into a hybrid.
 
     ``seed`` fixes the fresh Mamba parameters (A, dt, z/dt projections, conv), so a build is
-    reproducible.
+    reproducible. ``mixer_init`` is how newly converted layers start (see
+    :meth:`Mamba2Mixer.init_from_attention`): ``attention`` (mimic the attention; needs the gate
+    bias, which a build from a teacher turns on) or ``reference`` (the paper's code).
     """
+    if mixer_init not in MIXER_INITS:
+        raise PipelineError(f"mixer init {mixer_init!r} is unknown", fix=f"use one of {MIXER_INITS}")
     num_layers = source.config.num_hidden_layers
     attention_layers = sorted(set(int(i) for i in attention_layers))
     if any(not 0 <= i < num_layers for i in attention_layers):
@@ -133,25 +138,31 @@ def build_hybrid(
         config.attention_layers = attention_layers
         for key, value in mamba_overrides.items():
             setattr(config, key, value)
+        if mixer_init == "attention" and not config.mamba_gate_bias and set(attention_layers) != set(src_cfg.attention_layers):
+            raise PipelineError(
+                "the source hybrid's mixers have no gate bias, which the attention-mimicking init needs",
+                fix="use mixer_init: reference for this progression, or rebuild its first ratio with mixer_init: attention",
+            )
     else:
         check_teacher(source)
         mixer_type = mixer_type or "mamba2"
         if mixer_type not in MIXER_TYPES:
             raise PipelineError(f"mixer type {mixer_type!r} is unknown", fix=f"use one of {MIXER_TYPES}")
+        mamba_overrides.setdefault("mamba_gate_bias", mixer_init == "attention")
         config = hybrid_config_from_teacher(source, attention_layers, mixer_type, **mamba_overrides)
 
     dtype = next(source.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hybrid = HybridMambaForCausalLM(config)
-        _copy_weights(source, hybrid)
+        _copy_weights(source, hybrid, mixer_init)
     hybrid.to(dtype=dtype, device=next(source.parameters()).device)
     hybrid.generation_config = copy.deepcopy(source.generation_config)
     return hybrid
 
 
 @torch.no_grad()
-def _copy_weights(source: PreTrainedModel, hybrid: HybridMambaForCausalLM) -> None:
+def _copy_weights(source: PreTrainedModel, hybrid: HybridMambaForCausalLM, mixer_init: str) -> None:
     hybrid.model.embed_tokens.load_state_dict(source.model.embed_tokens.state_dict())
     hybrid.model.norm.load_state_dict(source.model.norm.state_dict())
     if not hybrid.config.tie_word_embeddings:
@@ -166,5 +177,5 @@ def _copy_weights(source: PreTrainedModel, hybrid: HybridMambaForCausalLM) -> No
         elif src_is_mamba:
             dst.mamba.load_state_dict(src.mamba.state_dict())
         else:
-            dst.mamba.init_from_attention(src.self_attn)
+            dst.mamba.init_from_attention(src.self_attn, mixer_init)
     hybrid.tie_weights()

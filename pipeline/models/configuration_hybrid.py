@@ -6,6 +6,10 @@ type and sizes of the Mamba layers. The Mamba sizes are not free parameters: the
 from the attention shapes they are initialised from (``d_inner = heads * head_dim``,
 ``d_xb = kv_heads * head_dim``, ``d_state = head_dim``), which is what lets q/k/v/o map onto
 C/B/x/out exactly.
+
+``mamba_gate_bias`` gives the z gate a bias (Mamba2: the ``in_proj`` bias, whose z slice is the
+gate's; Mamba1: ``in_proj_z``'s). The attention-mimicking init needs it: with z's weights at zero,
+the bias makes the gate a constant, neutral at the start and trainable from there.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class HybridMambaConfig(PreTrainedConfig):
         mixer_type: str = "mamba2",
         mamba_d_conv: int = 4,
         mamba_conv_bias: bool = True,
+        mamba_gate_bias: bool = False,
         mamba_chunk_size: int = 64,
         mamba_dt_rank: int | str = "auto",
         mamba_dt_min: float = 0.001,
@@ -82,6 +87,7 @@ class HybridMambaConfig(PreTrainedConfig):
         self.mixer_type = mixer_type
         self.mamba_d_conv = mamba_d_conv
         self.mamba_conv_bias = mamba_conv_bias
+        self.mamba_gate_bias = mamba_gate_bias
         self.mamba_chunk_size = mamba_chunk_size
         self.mamba_dt_rank = math.ceil(hidden_size / 16) if mamba_dt_rank == "auto" else int(mamba_dt_rank)
         self.mamba_dt_min = mamba_dt_min

@@ -119,6 +119,30 @@ def _sample_dt(n: int, config: HybridMambaConfig) -> torch.Tensor:
     return _inverse_softplus(dt)
 
 
+MIXER_INITS = ("attention", "reference")
+GATE_ONE = 1.2784645427610738  # silu(GATE_ONE) == 1: a z bias that makes the gate exactly neutral
+
+
+def inverse_silu(y: torch.Tensor) -> torch.Tensor:
+    """The z with ``silu(z) == y`` on silu's increasing branch (z > -1.2785), for ``y`` > 0 (Newton)."""
+    y = y.double()
+    z = torch.where(y > 1, y, torch.log(y.clamp(min=1e-30) * 2))  # silu(z) ~ z for large z, ~ e^z / ... for small
+    z = z.clamp(min=-1.2784)
+    for _ in range(50):
+        s = torch.sigmoid(z)
+        z = (z - (z * s - y) / (s * (1 + z * (1 - s)))).clamp(min=-1.2784)
+    return z
+
+
+@torch.no_grad()
+def identity_conv_(conv: nn.Conv1d) -> None:
+    """A causal depthwise conv that passes each token through: its last tap (the token itself) is 1."""
+    init.zeros_(conv.weight)
+    conv.weight[:, 0, -1] = 1.0
+    if conv.bias is not None:
+        init.zeros_(conv.bias)
+
+
 def masked_causal_conv(
     x: torch.Tensor,
     conv: nn.Conv1d,
@@ -173,7 +197,8 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.d_inner + 2 * self.d_xb
         self.config = config
         self.in_proj = nn.Linear(
-            config.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.num_heads, bias=config.attention_bias
+            config.hidden_size, 2 * self.d_inner + 2 * self.d_xb + self.num_heads,
+            bias=config.attention_bias or config.mamba_gate_bias,
         )
         self.conv1d = nn.Conv1d(
             self.conv_dim,
@@ -200,10 +225,16 @@ class Mamba2Mixer(nn.Module):
         init.ones_(self.norm.weight)
 
     @torch.no_grad()
-    def init_from_attention(self, attn: nn.Module) -> None:
+    def init_from_attention(self, attn: nn.Module, style: str = "attention") -> None:
         """``x ← v_proj``, ``B ← k_proj``, ``C ← q_proj``, ``out_proj ← o_proj`` (biases too).
 
-        z, dt and the conv keep PyTorch's default init, as in Mamba2.
+        ``style="reference"`` is the paper's code: z, dt and the conv keep PyTorch's default init
+        and D = 1, so the layer starts as linear attention plus a random conv, a skip and a random
+        gate. ``"attention"`` starts it as close to the attention as the architecture allows: the
+        conv passes tokens through, D = 0 and the gate is exactly 1 (z's weights 0, its bias
+        :data:`GATE_ONE`), leaving a linear attention with decay through the per-head norm, whose
+        weight :func:`pipeline.train.align.fit_output_scales` then fits to the attention's output.
+        Measured on the 135M teacher, the reference init costs more than deleting the layer.
         """
         self.in_proj.reset_parameters()
         self.conv1d.reset_parameters()
@@ -220,6 +251,26 @@ class Mamba2Mixer(nn.Module):
             self.in_proj.bias[-self.num_heads :].zero_()
         self.out_proj.load_state_dict(attn.o_proj.state_dict())
         self.reset_ssm_parameters()
+        if style == "attention":
+            self.in_proj.weight[: self.d_inner].zero_()
+            self._gate_bias()[:] = GATE_ONE
+            identity_conv_(self.conv1d)
+            init.zeros_(self.D)
+        elif style != "reference":
+            raise ValueError(f"mixer init {style!r} is not one of {MIXER_INITS}")
+
+    def _gate_bias(self) -> torch.Tensor:
+        if self.in_proj.bias is None:
+            raise ValueError("the attention-mimicking init needs a gate bias: build with mamba_gate_bias=True")
+        return self.in_proj.bias[: self.d_inner]
+
+    @torch.no_grad()
+    def set_output_scale(self, scale: torch.Tensor) -> None:
+        """Per-channel scale of what ``out_proj`` reads: the gated norm's weight."""
+        self.norm.weight.copy_(scale.to(self.norm.weight))
+
+    def output_scale(self) -> torch.Tensor:
+        return self.norm.weight.detach()
 
     def _split_xbc(self, xbc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """[x, B, C] → x (…, heads, head_dim), B and C (…, heads, d_state), GQA-expanded."""
@@ -291,7 +342,7 @@ class Mamba1Mixer(nn.Module):
         self.d_state = config.mamba_d_state
         hidden = config.hidden_size
         self.in_proj_x = nn.Linear(hidden, self.d_xb, bias=config.attention_bias)
-        self.in_proj_z = nn.Linear(hidden, self.d_inner, bias=False)
+        self.in_proj_z = nn.Linear(hidden, self.d_inner, bias=config.mamba_gate_bias)
         self.B_proj = nn.Linear(hidden, self.d_xb, bias=config.attention_bias)
         self.C_proj = nn.Linear(hidden, self.d_inner, bias=config.attention_bias)
         self.dt_proj_down = nn.Linear(hidden, config.mamba_dt_rank, bias=False)
@@ -321,8 +372,13 @@ class Mamba1Mixer(nn.Module):
         init.uniform_(self.dt_proj.weight, -std, std)
 
     @torch.no_grad()
-    def init_from_attention(self, attn: nn.Module) -> None:
-        """``x ← v_proj``, ``B ← k_proj``, ``C ← q_proj``, ``out_proj ← o_proj`` (biases too)."""
+    def init_from_attention(self, attn: nn.Module, style: str = "attention") -> None:
+        """``x ← v_proj``, ``B ← k_proj``, ``C ← q_proj``, ``out_proj ← o_proj`` (biases too).
+
+        ``style`` as :meth:`Mamba2Mixer.init_from_attention`. Mamba1 has no norm, so under
+        ``"attention"`` its constant gate (z's weights 0, its bias) carries the fitted per-channel
+        output scale.
+        """
         for proj in (self.in_proj_z, self.dt_proj_down, self.conv1d):
             proj.reset_parameters()
         self.in_proj_x.load_state_dict(attn.v_proj.state_dict())
@@ -330,6 +386,23 @@ class Mamba1Mixer(nn.Module):
         self.C_proj.load_state_dict(attn.q_proj.state_dict())
         self.out_proj.load_state_dict(attn.o_proj.state_dict())
         self.reset_ssm_parameters()
+        if style == "attention":
+            if self.in_proj_z.bias is None:
+                raise ValueError("the attention-mimicking init needs a gate bias: build with mamba_gate_bias=True")
+            init.zeros_(self.in_proj_z.weight)
+            init.constant_(self.in_proj_z.bias, GATE_ONE)
+            identity_conv_(self.conv1d)
+            init.zeros_(self.D)
+        elif style != "reference":
+            raise ValueError(f"mixer init {style!r} is not one of {MIXER_INITS}")
+
+    @torch.no_grad()
+    def set_output_scale(self, scale: torch.Tensor) -> None:
+        """Per-channel scale of what ``out_proj`` reads: the constant gate ``silu(bias)`` (z's weights are 0)."""
+        self.in_proj_z.bias.copy_(inverse_silu(scale.clamp(min=1e-3)).to(self.in_proj_z.bias))
+
+    def output_scale(self) -> torch.Tensor:
+        return F.silu(self.in_proj_z.bias.detach().float())
 
     def forward(
         self,
