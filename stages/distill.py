@@ -1,42 +1,10 @@
 """Stage ``distill@<ratio>``: progressive distillation of one Mamba ratio; ``--key <ratio>``.
 
-params.yaml (CPU profile; every key optional, defaults in pipeline/train/params.py)::
-
-    distill:
-      ratios: [0.5, 0.75, 0.875]    # increasing; each ratio starts from the previous one's model
-      mixer_type: mamba2            # mamba2 | mamba1
-      layer_choice: even            # even (paper) | sensitivity (per-layer KL when converted alone)
-      teacher_dir: models/teacher
-      pseudo_labels_dir: data/pseudo_labels
-      models_dir: models            # writes models/distill_<ratio>/
-      reports_dir: reports          # writes reports/metrics/distill_<ratio>.json, reports/plots/distill_<ratio>_*.png
-      held_out: 0.05                # fraction of conversations (or a count) kept for evaluation
-      seq_len: 256
-      layout: packing               # packing | padding
-      micro_batch_size: 1
-      global_batch_size: 4          # paper: 64
-      lr: 1.0e-3                    # paper: 8e-5 over many more steps
-      betas: [0.9, 0.98]
-      weight_decay: 0.0
-      warmup_steps: 2               # paper: 500
-      min_lr_ratio: 0.0
-      max_grad_norm: 1.0
-      epochs: null
-      max_train_tokens: 8192        # 8 steps of 4 x 256 tokens
-      max_steps: null
-      kl_weight: 1.0
-      ce_weight: 0.0                # paper: CE 1 + KL 0.1; the authors' later code uses KL alone
-      temperature: 1.0
-      trainable: mamba              # mamba | mamba+mlp | all
-      teacher_logits: online        # online | topk_cache
-      topk: 32
-      checkpoint_every: 5
-      keep_checkpoints: 1
-      gradient_checkpointing: false
-      mixed_precision: auto         # bf16 on GPU, fp32 on CPU
-      eval_batch_size: 4
-      sensitivity_rows: 4
-      seed: 0
+Params: the ``distill`` section of params.yaml, read into
+:class:`pipeline.train.params.DistillParams` (every key, its default and its meaning are there;
+unknown keys are an error). In order, a ratio fits its new mixers' output scales, aligns them to
+the attention they replace (``mixer_init``, ``init_fit_tokens``, ``align_*``), then distils end
+to end against the teacher.
 
 Run under accelerate for several processes: ``accelerate launch --config_file configs/accelerate/ddp.yaml
 -m stages.distill --key 0.5``.

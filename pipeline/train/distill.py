@@ -7,9 +7,12 @@ One call of :func:`distill_ratio` does, in order:
 2. choose the attention layers to keep (``even`` or ``sensitivity``, nested in the previous ratio's);
 3. build the student from the *previous ratio's trained model* (the teacher for the first ratio):
    trained Mamba layers are kept, newly converted layers are initialised from their attention;
-4. freeze all but ``trainable``, measure held-out metrics at init, train against the teacher
-   (live, or a top-k logits cache written in a first pass), measure again;
-5. write ``models/distill_<ratio>/`` atomically (weights, config with the kept layers, the teacher's
+4. fit each new mixer's output scale to its attention in closed form (``mixer_init: attention``),
+   measure held-out metrics at init, align the new mixers layer by layer to their attention's
+   output (``align_loss``, ``align_tokens``; :mod:`pipeline.train.align`), measure again;
+5. freeze all but ``trainable``, train end to end against the teacher (live, or a top-k logits
+   cache written in a first pass), measure again;
+6. write ``models/distill_<ratio>/`` atomically (weights, config with the kept layers, the teacher's
    tokenizer files byte for byte, generation config, layer sensitivity scores), the metrics JSON
    and the plots; then delete the resume folder.
 
@@ -35,6 +38,7 @@ from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.train.data import (
     TokenRow, collate, packed_rows, padded_rows, plan_steps, read_conversations, split_held_out, tokenize_conversation,
 )
+from pipeline.train.align import align_layers, capture, fit_output_scales
 from pipeline.train.evaluate import evaluate
 from pipeline.train.layer_selection import choose_attention_layers, layer_sensitivity
 from pipeline.train.loop import latest_checkpoint, make_accelerator, read_progress, set_trainable, train
@@ -144,6 +148,7 @@ def distill_ratio(
     accelerator = make_accelerator(params)
     teacher.to(accelerator.device)  # before build_student: the sensitivity scores run 30 forwards of the teacher
     student, kept, scores = build_student(params, ratio, teacher, source, held_rows, pad_id, accelerator)
+    new_layers = [i for i in student.config.mamba_layers if i not in getattr(source.config, "mamba_layers", [])]
     source = None  # the student holds copies of everything it needs
     trainable = set_trainable(student, params.trainable)
     exact_ratio = student.config.mamba_ratio
@@ -157,14 +162,20 @@ def distill_ratio(
     student.to(accelerator.device)
     train_targets, held_targets = teacher_targets(params, teacher, train_rows, held_rows, state, pad_id, accelerator)
     eval_kwargs = dict(batch_size=params.eval_batch_size, pad_id=pad_id, device=accelerator.device)
+    fit_errors = fit_new_mixers(params, student, teacher, train_rows, new_layers, pad_id, accelerator.device)
     checkpoint = latest_checkpoint(state)
     if checkpoint is not None:
-        init_metrics = read_progress(checkpoint)["caller_state"]["init"]
+        caller_state = read_progress(checkpoint)["caller_state"]
+        align_layers_and_wait(params, student, teacher, train_rows, new_layers, pad_id, accelerator, state, log_metrics)
     else:
-        init_metrics = evaluate(student, held_targets, held_rows, **eval_kwargs)
+        caller_state = {"init": evaluate(student, held_targets, held_rows, **eval_kwargs)}
+        caller_state["align"] = align_layers_and_wait(params, student, teacher, train_rows, new_layers, pad_id, accelerator,
+                                                      state, log_metrics)
+        caller_state["aligned"] = evaluate(student, held_targets, held_rows, **eval_kwargs)
+    init_metrics, aligned_metrics = caller_state["init"], caller_state["aligned"]
     started = time.perf_counter()
     result = train(student, train_targets, train_rows, plan, params, accelerator=accelerator, state_dir=state, pad_id=pad_id,
-                   caller_state={"init": init_metrics}, on_step=on_step, log_metrics=log_metrics)
+                   caller_state=caller_state, on_step=on_step, log_metrics=log_metrics)
     seconds = time.perf_counter() - started
     resumed_tokens = result.history[result.resumed_from - 1]["tokens"] if result.resumed_from else 0
     speed = throughput(result.tokens - resumed_tokens, seconds, matmul_parameters(student),
@@ -180,15 +191,63 @@ def distill_ratio(
         "train_rows": len(train_rows), "held_out_rows": len(held_rows), "trainable_parameters": trainable,
         "teacher_logits": params.teacher_logits, "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
-        "held_out": {"init": init_metrics, "trained": trained_metrics},
+        "mixer_init": params.mixer_init, "new_mamba_layers": new_layers, "init_fit_relative_error": fit_errors,
+        "align": caller_state["align"],
+        "held_out": {"init": init_metrics, "aligned": aligned_metrics, "trained": trained_metrics},
         "throughput": speed,  # this invocation's steps only (after a resume: the remaining ones)
         "final_train": result.history[-1] if result.history else None,
     }
     write_outputs(accelerator, student, tokenizer, params, ratio, metrics, result.history, scores)
     if log_metrics is not None and accelerator.is_main_process:
-        log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
+        log_metrics({f"held_out.{when}.{k}": float(v) for when in ("init", "aligned", "trained") for k, v in metrics["held_out"][when].items()}, result.steps)
         log_metrics({f"throughput.{k}": float(v) for k, v in speed.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, result.steps)
     return metrics
+
+
+def fit_new_mixers(params: DistillParams, student, teacher, rows, new_layers, pad_id: int, device) -> dict[int, float]:
+    """Closed-form output scales of the newly converted mixers (``mixer_init: attention``), from the
+    teacher's attention traffic on the first ``init_fit_tokens`` training tokens; returns each
+    layer's relative error after the fit. Deterministic, so a resumed run refits identically."""
+    if params.mixer_init != "attention" or not params.init_fit_tokens or not new_layers:
+        return {}
+    samples, tokens = [], 0
+    for start in range(0, len(rows), params.eval_batch_size):
+        indices = list(range(start, min(start + params.eval_batch_size, len(rows))))
+        batch = collate(rows, indices, pad_id)
+        samples.append(capture(teacher, {"input_ids": batch["input_ids"].to(device)}, new_layers,
+                               [len(rows[i].input_ids) for i in indices]))
+        tokens += batch["tokens"]
+        if tokens >= params.init_fit_tokens:
+            break
+    errors = fit_output_scales(student, samples, new_layers)
+    log.info("output scales fitted on %d tokens; relative error per new layer: %s", tokens,
+             {i: round(e, 3) for i, e in errors.items()})
+    return errors
+
+
+def align_layers_and_wait(params: DistillParams, student, teacher, rows, new_layers, pad_id: int, accelerator, state: Path,
+                          log_metrics=None) -> dict[str, Any]:
+    """The layer alignment (:mod:`pipeline.train.align`) on the main process; the other ranks then load
+    its result, so every rank starts the end-to-end stage from the same weights."""
+    if params.align_loss == "none" or not params.align_tokens or not new_layers:
+        return {"tokens": 0, "steps": 0, "seconds": 0.0}
+    plan = plan_steps(rows, min(params.align_batch_size, len(rows)), params.seed + 1, epochs=None,
+                      max_tokens=params.align_tokens, max_steps=None)
+    result = None
+    if accelerator.is_main_process:
+        result = align_layers(student, teacher, rows, plan, new_layers, loss=params.align_loss, trainable=params.align_trainable,
+                              lr=params.align_lr, pad_id=pad_id, device=accelerator.device, state_dir=state,
+                              checkpoint_every=params.checkpoint_every, warmup_steps=params.warmup_steps,
+                              log_metrics=log_metrics)
+    accelerator.wait_for_everyone()
+    if result is None:
+        result = align_layers(student, teacher, rows, plan, new_layers, loss=params.align_loss, trainable=params.align_trainable,
+                              lr=params.align_lr, pad_id=pad_id, device=accelerator.device, state_dir=state, checkpoint_every=1)
+    first, last = (result.history[0]["loss"], result.history[-1]["loss"]) if result.history else (None, None)
+    log.info("aligned layers %s on %d tokens in %d steps: loss %s -> %s", list(new_layers), result.tokens, result.steps, first, last)
+    return {"tokens": result.tokens, "steps": result.steps, "seconds": round(result.seconds, 3), "layers": list(new_layers),
+            "first_loss": first, "last_loss": last,
+            "tokens_per_s": result.tokens / result.seconds if result.seconds else None}
 
 
 def peak_memory_per_process(accelerator) -> list[float] | None:
@@ -222,7 +281,7 @@ def build_student(params: DistillParams, ratio: float, teacher, source, held_row
     candidates = getattr(source.config, "attention_layers", None)
     kept = choose_attention_layers(teacher.config.num_hidden_layers, ratio, params.layer_choice, candidates, scores)
     mixer_type = params.mixer_type if source is teacher else None  # a hybrid source fixes its mixer type
-    return build_hybrid(source, kept, mixer_type, seed=params.seed), kept, scores
+    return build_hybrid(source, kept, mixer_type, seed=params.seed, mixer_init=params.mixer_init), kept, scores
 
 
 def sensitivity_scores(params, teacher, source, src_dir: Path, held_rows, pad_id) -> list[float]:
@@ -236,7 +295,8 @@ def sensitivity_scores(params, teacher, source, src_dir: Path, held_rows, pad_id
     rows = held_rows[: params.sensitivity_rows]
     batches = [collate(rows, list(range(s, min(s + params.eval_batch_size, len(rows)))), pad_id)
                for s in range(0, len(rows), params.eval_batch_size)]
-    return layer_sensitivity(teacher, batches, params.mixer_type, seed=params.seed, temperature=params.temperature)
+    return layer_sensitivity(teacher, batches, params.mixer_type, seed=params.seed, temperature=params.temperature,
+                             mixer_init=params.mixer_init)
 
 
 def teacher_targets(params, teacher, train_rows, held_rows, state: Path, pad_id: int, accelerator):

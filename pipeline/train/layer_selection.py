@@ -67,8 +67,13 @@ def choose_attention_layers(
 
 
 @torch.no_grad()
-def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int = 0, temperature: float = 1.0) -> list[float]:
+def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int = 0, temperature: float = 1.0,
+                      mixer_init: str = "attention") -> list[float]:
     """Per layer: mean token KL(teacher || teacher with only that layer converted to Mamba).
+
+    Each layer is converted as the distill stage would convert it: with ``mixer_init: attention``
+    its output scale is fitted to the attention's on these same batches first, so the score is
+    the cost of the conversion, not of an unfitted norm.
 
     Runs on the teacher's device. Only the scored positions go through the LM head (full logits of
     a batch are rows x length x vocabulary: 6 GiB for 32 x 1024 x 49k in fp32), and the teacher's
@@ -86,11 +91,24 @@ def layer_sensitivity(teacher, batches: list[dict], mixer_type: str, seed: int =
         hidden = model.model(input_ids=batch["input_ids"], use_cache=False).last_hidden_state[batch["score_mask"]]
         return F.log_softmax(model.lm_head(hidden).float() / temperature, dim=-1)
 
+    from pipeline.train.align import capture, fit_output_scales
+
     targets = [scored_logprobs(teacher, b) for b in batches]
     scored = sum(len(t) for t in targets)
+    samples = []
+    if mixer_init == "attention":
+        tokens = 0
+        for b in batches:  # the fit needs a few thousand tokens, not every sensitivity batch
+            samples.append(capture(teacher, b, range(num_layers), [b["input_ids"].shape[1]] * len(b["input_ids"])))
+            tokens += b["input_ids"].numel()
+            if tokens >= 8192:
+                break
     scores = []
     for layer in range(num_layers):
-        hybrid = build_hybrid(teacher, [i for i in range(num_layers) if i != layer], mixer_type, seed=seed).eval()
+        hybrid = build_hybrid(teacher, [i for i in range(num_layers) if i != layer], mixer_type, seed=seed,
+                              mixer_init=mixer_init).eval()
+        if samples:
+            fit_output_scales(hybrid, samples, [layer])
         total = sum(float(kl_logprobs(t, scored_logprobs(hybrid, b)).sum()) for b, t in zip(batches, targets))
         scores.append(total * temperature**2 / max(scored, 1))
         log.info("layer %d: KL %.4f when converted alone", layer, scores[-1])

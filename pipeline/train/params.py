@@ -13,6 +13,8 @@ from typing import Any
 from pipeline.errors import PipelineError
 from pipeline.models.builder import num_layers_kept
 from pipeline.models.configuration_hybrid import MIXER_TYPES
+from pipeline.models.modeling_hybrid import MIXER_INITS
+from pipeline.train.align import ALIGN_LOSSES, ALIGN_TRAINABLE
 from pipeline.train.data import LAYOUTS
 from pipeline.train.layer_selection import LAYER_CHOICES
 
@@ -26,6 +28,13 @@ LOSS_TOKENS = ("answer", "all")  # training tokens the loss covers: the assistan
 class DistillParams:
     ratios: tuple[float, ...] = (0.5, 0.75, 0.875)
     mixer_type: str = "mamba2"
+    mixer_init: str = "attention"  # attention (mimic the replaced attention) | reference (the paper's code)
+    init_fit_tokens: int = 4_096  # tokens for the closed-form fit of each new mixer's output scale; 0: no fit
+    align_loss: str = "relative_mse"  # layer alignment before the KL: relative_mse | mse | none
+    align_tokens: int = 8_192  # token budget of the layer alignment (teacher-forced, new layers only)
+    align_batch_size: int = 8
+    align_lr: float = 1e-3
+    align_trainable: str = "mixer"  # mixer | mixer_except_out_proj
     layer_choice: str = "even"
     teacher_dir: str = "models/teacher"
     pseudo_labels_dir: str = "data/pseudo_labels"
@@ -81,20 +90,26 @@ class DistillParams:
         def bad(key: str, what: str, fix: str | None = None) -> PipelineError:
             return PipelineError(f"{key}: {what}", where=f"{where}.{key}", fix=fix)
 
-        choices = {"mixer_type": MIXER_TYPES, "layer_choice": LAYER_CHOICES, "layout": LAYOUTS, "trainable": TRAINABLE,
+        choices = {"mixer_type": MIXER_TYPES, "mixer_init": MIXER_INITS, "align_loss": ALIGN_LOSSES,
+                   "align_trainable": ALIGN_TRAINABLE, "layer_choice": LAYER_CHOICES, "layout": LAYOUTS, "trainable": TRAINABLE,
                    "teacher_logits": TEACHER_LOGITS, "mixed_precision": MIXED_PRECISION, "loss_tokens": LOSS_TOKENS}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise bad(key, f"{getattr(self, key)!r} is not one of {allowed}")
         for key in ("seq_len", "micro_batch_size", "global_batch_size", "topk", "checkpoint_every", "keep_checkpoints",
-                    "eval_batch_size", "sensitivity_rows"):
+                    "eval_batch_size", "sensitivity_rows", "align_batch_size"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise bad(key, f"must be a positive integer, got {value!r}")
         if self.global_batch_size % self.micro_batch_size:
             raise bad("global_batch_size", f"{self.global_batch_size} is not a multiple of micro_batch_size {self.micro_batch_size}")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise bad("lr", f"must be > 0, got {self.lr!r}")
+        for key in ("init_fit_tokens", "align_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(key, f"must be an integer >= 0, got {value!r}", fix="0 turns it off")
+        for key in ("lr", "align_lr"):
+            if not (isinstance(getattr(self, key), (int, float)) and getattr(self, key) > 0):
+                raise bad(key, f"must be > 0, got {getattr(self, key)!r}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise bad("betas", f"must be two numbers in [0, 1), got {list(self.betas)}")
         if not self.temperature > 0:
