@@ -3,13 +3,17 @@
 Run as ``python -m stages.alpaca_eval --key <model>``. The judge comes from the top-level
 ``judge`` params section. Writes ``data/eval/alpaca_eval/<model>/`` (model_outputs.json,
 annotations.json, leaderboard_row.json) and ``reports/metrics/alpaca_eval_<model>.json``.
+
+Restarts from scratch after a kill: nothing is cached between runs, and the outputs are written
+once the judge is done, the directory in one rename and then the metrics file, so a kill leaves no
+half-written output (a directory mixing this run's files with an older run's included).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.stage import StageContext, run_stage
 
 OUT_DIR = Path("data/eval/alpaca_eval")
@@ -36,9 +40,10 @@ def main(ctx: StageContext) -> None:
         outputs, alpaca_eval.reference_outputs(mirror), judge, mirror, offline=bool(cfg.get("offline", True))
     )
     out = OUT_DIR / ctx.key
-    atomic_write_json(out / "model_outputs.json", outputs)
-    atomic_write_json(out / "annotations.json", annotations)
-    atomic_write_json(out / "leaderboard_row.json", {"model": ctx.key, **row})
+    with atomic_directory(out) as tmp:
+        atomic_write_json(tmp / "model_outputs.json", outputs)
+        atomic_write_json(tmp / "annotations.json", annotations)
+        atomic_write_json(tmp / "leaderboard_row.json", {"model": ctx.key, **row})
     metrics = {k: float(row[k]) for k in METRIC_KEYS if row.get(k) is not None}
     metrics.update(n_empty_outputs=float(row["n_empty_outputs"]), n_judge_failures=float(row["n_judge_failures"]))
     atomic_write_json(METRICS_DIR / f"alpaca_eval_{ctx.key}.json", {"model": ctx.key, "lc_glm": row.get("lc_glm"), **metrics})

@@ -44,8 +44,9 @@ epoch or beta 0.1 for 3 epochs, on UltraFeedback-binarized)::
 The reference model is the SFT model, loaded a second time and frozen. Writes
 ``models/dpo_<ratio>/`` (weights, config, tokenizer + chat template, generation config,
 data_manifest.json: sources, exclusions by reason, the self-built rule's drop count)
-atomically and ``reports/metrics/dpo_<ratio>.json``. The built pairs are kept in the resume dir
-with the checkpoints, so a resumed run does not sample them again.
+atomically and ``reports/metrics/dpo_<ratio>.json``. After a kill it resumes as ``sft`` does, from
+the last whole checkpoint in the resume dir; the built pairs are kept there with the checkpoints,
+so a resumed run does not sample them again.
 """
 
 from __future__ import annotations

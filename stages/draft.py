@@ -16,6 +16,10 @@ params.yaml::
 
 Reads the teacher from ``teacher.out_dir`` and its answers from ``pseudo_labels.out_dir``;
 writes a plain causal-LM checkpoint + tokenizer + ``draft_manifest.json`` to ``out_dir``.
+
+Restarts from scratch after a kill (a few hundred steps at most, no checkpoints): the output
+directory appears in one rename after the last step, so a kill leaves the previous draft or none,
+and the rerun, seeded the same, ends identical (``draft_manifest.json``'s ``seconds`` aside).
 """
 
 from __future__ import annotations

@@ -21,6 +21,9 @@ params.yaml::
 
 Reads the draft from ``draft.out_dir`` and the conversations from ``pseudo_labels.out_dir``; writes a
 plain causal-LM checkpoint + tokenizer + ``draft_manifest.json`` to ``<out_prefix><key>``.
+
+Restarts from scratch after a kill, as ``draft`` does: the output directory appears in one rename
+after the last step, and the rerun ends identical (``draft_manifest.json``'s ``seconds`` aside).
 """
 
 from __future__ import annotations

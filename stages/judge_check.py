@@ -4,13 +4,17 @@ Scores the mirror's shipped outputs of models with public results (AlpacaEval 2 
 the paper's MT-Bench GPT-4 scores, given in params because they exist only in prose) on a
 subset and reports Spearman/Kendall rank correlation. Writes ``data/eval/judge_check/*.json``
 and ``reports/metrics/judge_check.json``.
+
+Restarts from scratch after a kill: nothing is cached between runs, and the outputs are written
+once both checks are done, the directory in one rename and then the metrics file, so a kill leaves
+no half-written output (one check's file of this run beside the other's of an older run included).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.stage import StageContext, run_stage
 
 OUT_DIR = Path("data/eval/judge_check")
@@ -27,26 +31,28 @@ def main(ctx: StageContext) -> None:
     judge = judge_spec(ctx.params.get("judge") or {}, f"{ctx.params_path}:judge")
     seed = int(cfg.get("seed", 0))
     metrics: dict[str, float] = {}
+    results: dict[str, dict] = {}
     ctx.log_params({"judge": judge.get("path") or judge.get("model")})
 
     if cfg.get("alpaca_eval") is not None:
         spec = cfg["alpaca_eval"]
-        result = alpaca_eval.judge_check(mirror, judge, spec.get("limit"), spec.get("models"), seed)
-        atomic_write_json(OUT_DIR / "alpaca_eval.json", result)
+        result = results["alpaca_eval"] = alpaca_eval.judge_check(mirror, judge, spec.get("limit"), spec.get("models"), seed)
         for metric in ("length_controlled_winrate", "win_rate"):
             for stat in ("spearman", "kendall"):
                 if result[metric][stat] is not None:
                     metrics[f"alpaca_eval/{metric}/{stat}"] = result[metric][stat]
     if cfg.get("mt_bench") is not None:
         spec = cfg["mt_bench"]
-        result = mt_bench.judge_check(
+        result = results["mt_bench"] = mt_bench.judge_check(
             mirror, load_judge(judge), spec.get("reference_scores") or {}, spec.get("limit"), spec.get("models"), seed,
             judge["mt_bench_rating"],
         )
-        atomic_write_json(OUT_DIR / "mt_bench.json", result)
         for stat in ("spearman", "kendall"):
             if result["rank_agreement"][stat] is not None:
                 metrics[f"mt_bench/{stat}"] = result["rank_agreement"][stat]
+    with atomic_directory(OUT_DIR) as tmp:
+        for name, result in results.items():
+            atomic_write_json(tmp / f"{name}.json", result)
     atomic_write_json(METRICS_FILE, metrics)
     ctx.log_metrics(metrics)
 

@@ -3,6 +3,9 @@
 Run as ``python -m stages.lm_eval --key <model>`` (a module, so this file never shadows the
 ``lm_eval`` package). Writes ``data/eval/lm_eval/<model>/results.json`` and the small metrics
 file ``reports/metrics/lm_eval_<model>.json``.
+
+Restarts from scratch after a kill: lm-eval's request cache is off, and each file is written
+atomically once every suite is scored, so a kill leaves no half-written output.
 """
 
 from __future__ import annotations

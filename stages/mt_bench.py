@@ -2,13 +2,17 @@
 
 Run as ``python -m stages.mt_bench --key <model>``. Writes ``data/eval/mt_bench/<model>/``
 (answers.json, judgments.json, summary.json) and ``reports/metrics/mt_bench_<model>.json``.
+
+Restarts from scratch after a kill: nothing is cached between runs, and the outputs are written
+once the judge is done, the directory in one rename and then the metrics file, so a kill leaves no
+half-written output (a directory mixing this run's files with an older run's included).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.stage import StageContext, run_stage
 
 OUT_DIR = Path("data/eval/mt_bench")
@@ -33,9 +37,10 @@ def main(ctx: StageContext) -> None:
     judgments = mt_bench.grade(answers, questions, load_judge(judge), mirror, judge["mt_bench_rating"])
     summary = mt_bench.aggregate(judgments)
     out = OUT_DIR / ctx.key
-    atomic_write_json(out / "answers.json", answers)
-    atomic_write_json(out / "judgments.json", judgments)
-    atomic_write_json(out / "summary.json", {"model": ctx.key, **summary})
+    with atomic_directory(out) as tmp:
+        atomic_write_json(tmp / "answers.json", answers)
+        atomic_write_json(tmp / "judgments.json", judgments)
+        atomic_write_json(tmp / "summary.json", {"model": ctx.key, **summary})
     metrics = {k: summary[k] for k in ("average", "turn_1", "turn_2") if summary[k] is not None}
     metrics.update({f"category/{c}": s["average"] for c, s in summary["categories"].items()})
     metrics.update({k: float(summary[k]) for k in ("n_rated", "n_failures", "n_forced", "n_empty_answers")})

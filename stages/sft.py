@@ -28,9 +28,9 @@ the paper's GPU settings are lr 2e-5, 1 epoch, effective batch 64, max_length 20
       reports_dir: reports
 
 Writes ``models/sft_<ratio>/`` (weights, config, tokenizer + chat template, generation config,
-data_manifest.json) atomically and ``reports/metrics/sft_<ratio>.json``; resumes from the last
-checkpoint in the resume dir when the params, input model and data are unchanged, and deletes the
-resume dir after success.
+data_manifest.json) atomically and ``reports/metrics/sft_<ratio>.json``; after a kill, resumes
+from the last whole checkpoint in the resume dir (one the kill left half-written is deleted) when
+the params, input model and data are unchanged, and deletes the resume dir after success.
 """
 
 from __future__ import annotations

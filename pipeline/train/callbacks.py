@@ -3,6 +3,7 @@
 * :class:`ForwardLogs` sends every ``on_log`` of a trl/transformers trainer to the stage's MLflow
   run. The trainers' own integrations are off (``report_to="none"``): they would open MLflow runs of
   their own outside the pipeline's parent/child layout (see :mod:`pipeline.tracking`).
+* :class:`ResumedTokenCount` keeps trl's logged ``num_tokens`` counting from a resumed checkpoint.
 * :class:`HybridGuard` makes the one thing the hybrid cannot do an error instead of a silent
   corruption: its Mamba layers carry state along the whole row and do not restart at packed
   sequence boundaries, so trl's packing / padding-free batches (several sequences in one row,
@@ -38,6 +39,24 @@ class ForwardLogs(TrainerCallback):
         }
         if numbers:
             self.log_metrics({f"{self.prefix}.{name}": value for name, value in numbers.items()}, step=state.global_step)
+
+
+class ResumedTokenCount(TrainerCallback):
+    """Continue trl's ``num_tokens`` count from a resumed checkpoint.
+
+    trl keeps the running count it logs as ``num_tokens`` in memory, from 0 at every ``train()``, so
+    after a resume it would log the tokens since the resume. The checkpoint's log history holds the
+    count at its last logged step: exact when checkpoints fall on logged steps (``save_steps`` a
+    multiple of ``logging_steps``, as with the defaults).
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        counts = [entry["num_tokens"] for entry in state.log_history if "num_tokens" in entry]
+        if counts and state.global_step > 0 and hasattr(self.trainer, "_total_train_tokens"):
+            self.trainer._total_train_tokens = int(counts[-1])
 
 
 def is_hybrid(model) -> bool:

@@ -105,11 +105,11 @@ def make_dpo_trainer(model, ref_model, tokenizer, pairs: list[dict[str, Any]], p
                      callbacks=()) -> DPOTrainer:
     from datasets import Dataset
 
-    from pipeline.train.callbacks import HybridGuard
+    from pipeline.train.callbacks import HybridGuard, ResumedTokenCount
 
     config = DPOConfig(**training_kwargs(params, output_dir), beta=params.beta, loss_type=[params.loss_type])
     dataset = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs])
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=model,
         ref_model=ref_model,
         args=config,
@@ -117,3 +117,5 @@ def make_dpo_trainer(model, ref_model, tokenizer, pairs: list[dict[str, Any]], p
         processing_class=tokenizer,
         callbacks=[HybridGuard(model, "dpo"), *callbacks],
     )
+    trainer.add_callback(ResumedTokenCount(trainer))
+    return trainer

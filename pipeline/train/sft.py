@@ -38,6 +38,7 @@ from trl import SFTConfig, SFTTrainer
 
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_directory, atomic_write_json
+from pipeline.train.callbacks import ResumedTokenCount
 
 log = logging.getLogger(__name__)
 
@@ -245,6 +246,7 @@ class HybridSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.kl_weight, self.kl_temperature = kl_weight, kl_temperature
         self.teacher = teacher.to(self.args.device) if teacher is not None and kl_weight > 0 else None
+        self.add_callback(ResumedTokenCount(self))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher is None:
@@ -301,9 +303,24 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def checkpoint_complete(checkpoint: Path) -> bool:
+    """Whether the trainer finished writing ``checkpoint-<step>``: its trainer_state.json, the last file
+    the trainer writes (after weights, optimizer, scheduler and RNG state), parses and names that step."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        return state.get("global_step") == int(checkpoint.name.rsplit("-", 1)[1])
+    except (OSError, ValueError, IndexError, AttributeError):
+        return False
+
+
 def resume_checkpoint(resume_dir: str | Path, expected: str) -> str | None:
-    """The last checkpoint in ``resume_dir`` if it came from the same inputs; stale ones are deleted."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The last complete checkpoint in ``resume_dir`` if it came from the same inputs.
+
+    Checkpoints from other inputs are deleted, and so are checkpoints a kill left half-written
+    (the trainer writes ``checkpoint-<step>/`` in place, not atomically): the run resumes from the
+    last whole one, or starts afresh.
+    """
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     resume_dir = Path(resume_dir)
     record = resume_dir / FINGERPRINT
@@ -312,10 +329,20 @@ def resume_checkpoint(resume_dir: str | Path, expected: str) -> str | None:
         shutil.rmtree(resume_dir)
     resume_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(record, {"fingerprint": expected})
-    last = get_last_checkpoint(str(resume_dir))
-    if last:
-        log.info("resuming from %s", last)
-    return last
+    complete = []
+    for checkpoint in resume_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        if not checkpoint.is_dir() or not checkpoint.name.rsplit("-", 1)[1].isdigit():
+            continue
+        if checkpoint_complete(checkpoint):
+            complete.append(checkpoint)
+        else:
+            log.warning("deleting %s: a killed run left it half-written", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    if not complete:
+        return None
+    last = max(complete, key=lambda p: int(p.name.rsplit("-", 1)[1]))
+    log.info("resuming from %s", last)
+    return str(last)
 
 
 def save_trained(trainer, tokenizer, out_dir: str | Path, manifest: dict[str, Any]) -> None:
@@ -337,15 +364,23 @@ def step_history(trainer) -> list[dict[str, Any]]:
 
 
 def log_history_summary(trainer, keys: tuple[str, ...]) -> dict[str, Any]:
-    """First and last logged value of each key, plus the run totals trl reports at the end."""
+    """First and last logged value of each key, the mean loss over all steps, and the trainer's timings.
+
+    ``train_loss`` is computed here from the per-step logs, resumed steps included: the trainer's own
+    figure averages only the steps of the last process, so after a resume it would describe part of
+    the run. ``train_runtime`` and ``train_samples_per_second`` are the last process's, as reported.
+    """
     steps = [entry for entry in trainer.state.log_history if "loss" in entry]
     summary: dict[str, Any] = {"steps": trainer.state.global_step}
     for key in keys:
         values = [entry[key] for entry in steps if key in entry]
         if values:
             summary[f"first_{key}"], summary[f"last_{key}"] = values[0], values[-1]
+    if steps:  # each logged loss is the mean over the steps since the previous log
+        spans = [entry["step"] - previous for entry, previous in zip(steps, [0] + [e["step"] for e in steps[:-1]])]
+        summary["train_loss"] = sum(e["loss"] * n for e, n in zip(steps, spans)) / max(sum(spans), 1)
     final = trainer.state.log_history[-1] if trainer.state.log_history else {}
-    for key in ("train_loss", "train_runtime", "train_samples_per_second"):
+    for key in ("train_runtime", "train_samples_per_second"):
         if key in final:
             summary[key] = final[key]
     return summary
