@@ -72,8 +72,8 @@ repro)
   snapshot
   cp params-gpu.yaml params.yaml
   rm -rf .dvc/tmp/rwlock .dvc/tmp/lock   # a previous step's timeout may have left DVC's locks behind
-  # Every step re-copies the working tree: the committed dvc.lock (the CPU run's) replaces the one the
-  # last step wrote, and reports/metrics + reports/plots (git-ignored DVC outs) are removed. DVC
+  # Every step re-copies the working tree: the checkout's own dvc.lock (not committed: a local run's, if
+  # any) replaces the one the last step wrote, and reports/metrics + reports/plots (git-ignored DVC outs) are removed. DVC
   # then reruns finished stages whose uncached outs it cannot restore (a resumed run once
   # redid distill@0.5 and everything after it). Keep the machine's own copies in /tmp.
   if [ -f /tmp/dvc.lock.gpu ]; then cp /tmp/dvc.lock.gpu dvc.lock; fi

@@ -4,8 +4,10 @@ DVC stays the source of truth: the flow never runs a stage's command itself, so 
 up-to-date stages, caches outs and writes dvc.lock. The order comes from DVC's own stage graph
 (``dvc.yaml`` with foreach expanded), so ``distill@0.5`` and ``distill@0.25`` run side by side
 when the graph allows (DVC releases its repo lock while a stage command runs; ``--wait-for-lock``
-serialises the short lock/commit steps). The flow opens the MLflow parent run and hands its id to
-every stage via ``PIPELINE_PARENT_RUN_ID`` (see pipeline/tracking.py).
+serialises the short lock/commit steps). The flow names the MLflow parent run's group for every
+stage (``PIPELINE_PARENT_GROUP``, see pipeline/tracking.py): the first stage that runs creates the
+parent, every stage that ends extends it, and the flow sets its final status. A flow in which DVC
+finds everything up to date runs no stage process, and so leaves no MLflow run.
 
 Stages that time the hardware (``speed@*``, :data:`EXCLUSIVE_STAGES`) run alone, so that
 side-by-side stages never share the GPU with a measurement: under Prefect, which submits every
@@ -22,7 +24,10 @@ git-ignored ``.prefect/``; analytics are off (offline machines log a telemetry e
 With a server (``prefect server start --host 127.0.0.1`` and
 ``PREFECT_API_URL=http://127.0.0.1:4200/api``) the same command shows up in the UI.
 
-    python -m pipeline.flow [--params params.yaml] [--target STAGE] [--jobs 2] [--runner prefect|threads]
+    python -m pipeline.flow [--params params.yaml] [--target STAGE] [--jobs 2] [--runner prefect|threads] [--dry-run]
+
+``--dry-run`` checks the arguments (the params file, the target, the runner's imports) and prints
+the stages in the order the flow would start them; nothing runs and params.yaml is not touched.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.tracking import PARENT_RUN_ENV, repo_root
+from pipeline.tracking import PARENT_GROUP_ENV, PARENT_NAME_ENV, repo_root
 
 FLOW_NAME = "mamba-in-llama"
 EXCLUSIVE_STAGES = ("speed",)  # stage families that measure speed: they never share the machine
@@ -138,8 +143,9 @@ def topological_order(graph: dict[str, set[str]]) -> list[str]:
     return order
 
 
-def use_params(params: Path, root: Path) -> None:
-    """DVC stages read params.yaml; another profile is copied onto it, unless that would lose edits."""
+def use_params(params: Path, root: Path, dry_run: bool = False) -> None:
+    """DVC stages read params.yaml; another profile is copied onto it, unless that would lose edits.
+    ``dry_run``: the same checks, nothing copied."""
     target = root / "params.yaml"
     if params.resolve() == target.resolve():
         return
@@ -153,7 +159,8 @@ def use_params(params: Path, root: Path) -> None:
                 where=str(target),
                 fix="commit or stash params.yaml first",
             )
-    shutil.copyfile(params, target)
+    if not dry_run:
+        shutil.copyfile(params, target)
 
 
 def repro_command(stage: str) -> list[str]:
@@ -165,7 +172,12 @@ def stage_log_path(root: Path, stage: str) -> Path:
     return root / STAGE_LOG_DIR / f"{stage}.log"
 
 
-def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int, list[str], float]:
+def parent_env(group: str, name: str) -> dict[str, str]:
+    """What a stage process needs to share the flow's MLflow parent run (created by the first stage)."""
+    return {PARENT_GROUP_ENV: group, PARENT_NAME_ENV: name}
+
+
+def repro_stage_process(root: Path, stage: str, parent: dict[str, str]) -> tuple[int, list[str], float]:
     """Run one stage through DVC: exit status, this run's output lines, wall seconds.
 
     The output streams into :func:`stage_log_path` while the stage runs, so a stage killed by a
@@ -173,7 +185,7 @@ def repro_stage_process(root: Path, stage: str, parent_run_id: str) -> tuple[int
     each after a header with the date and time: a later run that DVC skips must not erase the
     log of the run that did the work.
     """
-    env = {**os.environ, PARENT_RUN_ENV: parent_run_id, "PYTHONUNBUFFERED": "1"}  # lines reach the log as printed
+    env = {**os.environ, **parent, "PYTHONUNBUFFERED": "1"}  # lines reach the log as printed
     log_path = stage_log_path(root, stage)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -201,7 +213,7 @@ def chain_lengths(graph: dict[str, set[str]]) -> dict[str, int]:
     return lengths
 
 
-def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent_run_id: str,
+def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent: dict[str, str],
                 log=print) -> dict[str, tuple[str, float]]:
     """Run the plan on up to ``jobs`` threads, keeping going past failures; ``{stage: (outcome, seconds)}``.
 
@@ -217,7 +229,7 @@ def run_threads(root: Path, graph: dict[str, set[str]], jobs: int, parent_run_id
 
     def start(stage: str) -> None:
         log(f"[flow] {stage}: start")
-        running[pool.submit(repro_stage_process, root, stage, parent_run_id)] = stage
+        running[pool.submit(repro_stage_process, root, stage, parent)] = stage
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         while len(outcome) < len(order):
@@ -270,11 +282,11 @@ def build_flow(root: Path, jobs: int):
     gate = StageGate()
 
     @task(name="dvc-stage", cache_policy=NO_CACHE)  # DVC decides what is up to date, not Prefect
-    def repro_stage(stage: str, parent_run_id: str) -> str:
+    def repro_stage(stage: str, parent: dict[str, str]) -> str:
         logger = get_run_logger()
         logger.info("dvc repro --single-item %s", stage)
         with gate.admit(is_exclusive(stage)):
-            code, lines, _ = repro_stage_process(root, stage, parent_run_id)
+            code, lines, _ = repro_stage_process(root, stage, parent)
         if code != 0:
             logger.error("stage %s failed (exit %d):\n%s", stage, code, "\n".join(lines[-40:]))
             raise RuntimeError(f"dvc repro {stage} failed with exit status {code}")
@@ -288,11 +300,10 @@ def build_flow(root: Path, jobs: int):
         graph = upstream_closure(stage_graph(root), target)
         order = topological_order(graph)
         get_run_logger().info("stages in DVC order: %s", ", ".join(order))
-        mlflow_client, experiment_id = tracking.client(_params(root))
         from prefect.runtime import flow_run
 
         group = f"prefect-{flow_run.id}"
-        parent = tracking.open_parent_run(mlflow_client, experiment_id, f"flow {flow_run.name}", group, root)
+        parent = parent_env(group, f"flow {flow_run.name}")
         futures = {}
         try:
             for stage in order:
@@ -300,12 +311,25 @@ def build_flow(root: Path, jobs: int):
                 futures[stage] = repro_stage.with_options(task_run_name=stage).submit(stage, parent, wait_for=upstream)
             done = [futures[stage].result() for stage in order]
         except BaseException:
-            mlflow_client.set_terminated(parent, "FAILED")
+            end_parent_run(root, group, failed=True)
             raise
-        mlflow_client.set_terminated(parent, "FINISHED")
+        if not end_parent_run(root, group, failed=False):
+            get_run_logger().info("every stage was up to date: nothing ran, no MLflow run recorded")
         return done
 
     return dvc_pipeline
+
+
+def end_parent_run(root: Path, group: str, failed: bool) -> bool:
+    """Set the final status of the group's parent run; False when no stage ran (no parent exists)."""
+    from pipeline import tracking
+
+    mlflow_client, experiment_id = tracking.client(_params(root))
+    run_id = tracking.find_parent_run(mlflow_client, experiment_id, group)
+    if run_id is None:
+        return False
+    tracking.close_parent_run(mlflow_client, run_id, failed=failed)
+    return True
 
 
 def _params(root: Path) -> dict:
@@ -316,25 +340,36 @@ def _params(root: Path) -> dict:
 
 def threads_pipeline(root: Path, target: str | None, jobs: int) -> int:
     """The flow without Prefect: same plan, same MLflow parent run; exit status 1 if a stage failed."""
-    from pipeline import tracking
-
     graph = upstream_closure(stage_graph(root), target)
     order = topological_order(graph)
     print("[flow] stages in DVC order: " + ", ".join(order), flush=True)
-    mlflow_client, experiment_id = tracking.client(_params(root))
-    group = f"threads-{time.strftime('%Y%m%d-%H%M%S')}"
-    parent = tracking.open_parent_run(mlflow_client, experiment_id, f"flow {group}", group, root)
+    group = f"threads-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    parent = parent_env(group, f"flow {group}")
     try:
         # clock time on every line: set against the MLflow stage runs' start/end, it shows what each
         # stage spends in DVC (hashing, caching outs, waiting for the repo lock) and process start
         outcome = run_threads(root, graph, jobs, parent, log=lambda line: print(f"{time.strftime('%H:%M:%S')} {line}", flush=True))
     except BaseException:
-        mlflow_client.set_terminated(parent, "FAILED")
+        end_parent_run(root, group, failed=True)
         raise
     ok = all(result == "done" for result, _ in outcome.values())
-    mlflow_client.set_terminated(parent, "FINISHED" if ok else "FAILED")
+    if not end_parent_run(root, group, failed=not ok) and ok:
+        print("[flow] every stage was up to date: nothing ran, no MLflow run recorded", flush=True)
     print(outcome_table(outcome, order), flush=True)
     return 0 if ok else 1
+
+
+def dry_run(root: Path, params: Path, target: str | None, runner: str) -> int:
+    """What ``--dry-run`` prints: the plan, from the current params.yaml's stage graph."""
+    import importlib.util
+
+    if runner == "prefect" and importlib.util.find_spec("prefect") is None:
+        raise PipelineError("prefect is not installed", where="--runner prefect", fix="pip install prefect, or use --runner threads")
+    order = topological_order(upstream_closure(stage_graph(root), target))
+    print("[flow] dry run, nothing runs; stages in DVC order: " + ", ".join(order))
+    if params.resolve() != (root / "params.yaml").resolve():
+        print(f"[flow] (the graph of the current params.yaml; a run copies {params} onto it first)")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -344,10 +379,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", default=2, type=int, help="stages run at once where the graph allows (default 2)")
     parser.add_argument("--runner", default="prefect", choices=("prefect", "threads"),
                         help="prefect (default) or threads: a plain thread pool, no Prefect needed")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the arguments and print the stages in order; run nothing, leave params.yaml as it is")
     args = parser.parse_args(argv)
     root = repo_root()
     try:
-        use_params(args.params, root)
+        use_params(args.params, root, dry_run=args.dry_run)
+        if args.dry_run:
+            sys.exit(dry_run(root, args.params, args.target, args.runner))
         if args.runner == "threads":
             sys.exit(threads_pipeline(root, args.target, max(1, args.jobs)))
         for key, value in prefect_environment(root).items():

@@ -5,13 +5,18 @@ artifacts go to ``mlartifacts/`` beside the database file, so a test's temporary
 artifacts with it. Experiment: ``MLFLOW_EXPERIMENT_NAME``, else params.yaml ``tracking.experiment``,
 else ``mamba-in-llama``.
 
-Runs. One parent run per pipeline run, one child run per stage run (``distill@0.5`` is its own child):
+Runs. One parent run per pipeline run, one child run per stage run (``distill@0.5`` is its own child).
+The parent is created by the first stage process that runs, so a pipeline run in which DVC finds
+everything up to date leaves no run at all; every stage that ends moves the parent's end time to
+its own end, so the parent spans its stages:
 
-* The Prefect flow (pipeline/flow.py) opens the parent and exports its id as ``PIPELINE_PARENT_RUN_ID``
-  to every ``dvc repro`` it starts; stages nest under it.
+* The Prefect flow (pipeline/flow.py) names a group, ``PIPELINE_PARENT_GROUP`` (and the parent's
+  name, ``PIPELINE_PARENT_NAME``), for every ``dvc repro`` it starts; its stages share that group's
+  parent, and the flow sets the parent's final status when it ends.
 * A stage started by a plain ``dvc repro`` (no such variable) nests under the parent of *that* ``dvc``
   process: the parent carries the tag ``pipeline.group = dvc-<pid>-<start time>`` of the nearest
-  ``dvc`` ancestor process, and the first stage of the invocation creates it.
+  ``dvc`` ancestor process.
+* ``PIPELINE_PARENT_RUN_ID`` names an existing parent outright (whoever created it ends it).
 * A stage started by hand (``python -m stages.x``) is a top-level run tagged ``pipeline.group = manual``.
 
 Tags on a stage run: ``stage``, ``stage.section``, ``foreach.key``, ``pipeline.group``, ``git.commit``
@@ -20,17 +25,26 @@ when the stage starts and ``dvc.out.<path>`` computed when it ends. DVC writes d
 stage process exits, so the stage cannot read its own out hashes there; it computes them the way DVC
 does (md5 of a file; ``<md5 of the sorted entry list>.dir`` for a directory), and the end-to-end test
 checks they equal dvc.lock's. Params: the stage's params.yaml section, flattened as ``<section>.<key>``
-(the names DVC uses); ``mamba_ratio`` through :func:`log_mamba_ratio`.
+(the names DVC uses).
+
+The ratio. Every run of a ratio (``distill``, ``sft``, ``dpo``, ``draft_tune``, ``speed``, ``lm_eval``,
+``alpaca_eval``, ``mt_bench`` keyed by a ratio) has the param ``mamba_ratio`` spelled as in params.yaml
+and the stage name (``0.5``, ``0.75``, ``0.875``; the teacher's runs ``0``), so the MLflow filter
+``params.mamba_ratio = '0.75'`` finds all of them; ``mamba_ratio_exact`` is the fraction of layers
+actually converted (``0.7333333333333334`` for 22 of SmolLM2's 30 layers), read from the hybrid's
+config. :func:`stage_run` logs both; :func:`log_mamba_ratio` is for a stage that knows more.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -40,8 +54,12 @@ from pipeline.errors import PipelineError
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "PIPELINE_PARENT_RUN_ID"
+PARENT_GROUP_ENV = "PIPELINE_PARENT_GROUP"
+PARENT_NAME_ENV = "PIPELINE_PARENT_NAME"
 DEFAULT_EXPERIMENT = "mamba-in-llama"
 MAMBA_RATIO_PARAM = "mamba_ratio"
+MAMBA_RATIO_EXACT_PARAM = "mamba_ratio_exact"
+TEACHER_KEY = "teacher"
 MAX_ARTIFACT_BYTES = 50 << 20  # "small artifacts": manifests, reports, plots; models live in DVC
 _QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",  # offline machines: no telemetry threads or timeouts
@@ -87,7 +105,9 @@ def client(params: dict[str, Any] | None = None):
     if experiment is not None:
         return mlflow_client, experiment.experiment_id
     try:
-        return mlflow_client, mlflow_client.create_experiment(name, artifact_location=artifact_location(uri))
+        # a model-training experiment: MLflow 3's UI then shows its runs, not its GenAI (traces) pages
+        tags = {"mlflow.experimentKind": "custom_model_development"}
+        return mlflow_client, mlflow_client.create_experiment(name, artifact_location=artifact_location(uri), tags=tags)
     except mlflow.exceptions.MlflowException:  # created meanwhile by a parallel stage
         return mlflow_client, mlflow_client.get_experiment_by_name(name).experiment_id
 
@@ -190,13 +210,43 @@ def dvc_group() -> str | None:
 
 
 def open_parent_run(mlflow_client, experiment_id: str, name: str, group: str, root: Path) -> str:
-    """Create a pipeline's parent run (left RUNNING; the creator ends it)."""
+    """Create a pipeline's parent run (left RUNNING; :func:`close_parent_run` ends it)."""
     tags = {"pipeline.role": "parent", "pipeline.group": group, "mlflow.runName": name, **git_tags(root)}
     return mlflow_client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
-def _parent_for(mlflow_client, experiment_id: str, root: Path) -> tuple[str | None, str]:
-    """(parent run id, group) for this stage process, following the rule in the module docstring."""
+@contextlib.contextmanager
+def _store_lock() -> Iterator[None]:
+    """One process at a time finds-or-creates (and ends) a parent run: stages run side by side.
+    One lock file per store, held for a search and a write."""
+    key = hashlib.md5(tracking_uri().encode()).hexdigest()[:16]
+    with open(Path(tempfile.gettempdir()) / f"mlflow-parent-{key}.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def find_parent_run(mlflow_client, experiment_id: str, group: str) -> str | None:
+    found = mlflow_client.search_runs(
+        [experiment_id], filter_string=f"tags.`pipeline.group` = '{group}' and tags.`pipeline.role` = 'parent'", max_results=1
+    )
+    return found[0].info.run_id if found else None
+
+
+def close_parent_run(mlflow_client, run_id: str, failed: bool = False) -> None:
+    """End (or end again, later) a parent run: end time = now or later, FAILED once anything failed."""
+    with _store_lock():
+        info = mlflow_client.get_run(run_id).info
+        status = "FAILED" if failed or info.status == "FAILED" else "FINISHED"
+        end_time = max(int(time.time() * 1000), info.end_time or 0)
+        mlflow_client.set_terminated(run_id, status, end_time=end_time)
+
+
+def _parent_for(mlflow_client, experiment_id: str, root: Path) -> tuple[str | None, str, bool]:
+    """(parent run id, group, whether this process's group owns the parent's end time), following the
+    rule in the module docstring."""
     if os.environ.get(PARENT_RUN_ENV):
         from mlflow.exceptions import MlflowException
 
@@ -206,20 +256,18 @@ def _parent_for(mlflow_client, experiment_id: str, root: Path) -> tuple[str | No
             raise PipelineError(
                 f"{PARENT_RUN_ENV}={os.environ[PARENT_RUN_ENV]} is not a run in {tracking_uri()}",
                 where=f"environment variable {PARENT_RUN_ENV}",
-                fix=f"unset {PARENT_RUN_ENV} (the flow sets it for its own stages)",
+                fix=f"unset {PARENT_RUN_ENV} (it names a parent run created beforehand)",
             ) from exc
-        return parent.info.run_id, parent.data.tags.get("pipeline.group", "flow")
-    group = dvc_group()
+        return parent.info.run_id, parent.data.tags.get("pipeline.group", "flow"), False
+    group = os.environ.get(PARENT_GROUP_ENV) or dvc_group()
     if group is None:
-        return None, "manual"
-    found = mlflow_client.search_runs(
-        [experiment_id], filter_string=f"tags.`pipeline.group` = '{group}' and tags.`pipeline.role` = 'parent'", max_results=1
-    )
-    if found:
-        return found[0].info.run_id, group
-    run_id = open_parent_run(mlflow_client, experiment_id, f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}", group, root)
-    mlflow_client.set_terminated(run_id, "FINISHED")  # no process outlives the stages to end it later
-    return run_id, group
+        return None, "manual", False
+    with _store_lock():
+        run_id = find_parent_run(mlflow_client, experiment_id, group)
+        if run_id is None:
+            name = os.environ.get(PARENT_NAME_ENV) or f"dvc repro {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            run_id = open_parent_run(mlflow_client, experiment_id, name, group, root)
+    return run_id, group, True
 
 
 # --- the stage run -----------------------------------------------------------------------------
@@ -288,9 +336,56 @@ class StageTracker:
             self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
 
-def log_mamba_ratio(ctx: Any, ratio: float | str) -> None:
-    """Log the fraction of attention layers replaced by Mamba under one name, ``mamba_ratio``, everywhere."""
-    ctx.log_params({MAMBA_RATIO_PARAM: float(ratio)})
+def ratio_spelling(key: Any) -> str | None:
+    """A stage key's ratio as params.yaml and the stage names spell it (``0.5``, ``0.75``, ``0.875``;
+    ``0`` for the teacher); None for a key that names no ratio."""
+    if key is None:
+        return None
+    if str(key) == TEACHER_KEY:
+        return "0"
+    try:
+        ratio = float(key)
+    except (TypeError, ValueError):
+        return None
+    return f"{ratio:g}" if 0 <= ratio <= 1 else None  # pipeline.train.params.ratio_name's spelling
+
+
+def hybrid_mamba_ratio(path: str | Path) -> float | None:
+    """The exact fraction of layers converted to Mamba in a hybrid checkpoint (its config.json); None
+    for anything else (a teacher, a draft, a file)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        attention, layers = config["attention_layers"], int(config["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return 1.0 - len(attention) / layers if layers else None
+
+
+def log_mamba_ratio(ctx: Any, ratio: float | str, exact: float | None = None) -> None:
+    """Log the fraction of attention layers replaced by Mamba: ``mamba_ratio`` spelled as in params.yaml
+    (from the stage's key when it names a ratio), and ``mamba_ratio_exact`` when known.
+
+    ``ratio`` is the run's ratio, spelled or exact: a value that differs from the spelling (distill's
+    ``0.7333333333333334`` for ``0.75``) is the exact fraction.
+    """
+    spelled = ratio_spelling(getattr(ctx, "key", None)) or ratio_spelling(ratio) or str(ratio)
+    values: dict[str, Any] = {MAMBA_RATIO_PARAM: spelled}
+    if exact is None and abs(float(ratio) - float(spelled)) > 1e-12:
+        exact = float(ratio)
+    if exact is not None:
+        values[MAMBA_RATIO_EXACT_PARAM] = float(exact)
+    ctx.log_params(values)
+
+
+def _exact_ratio(key: Any, outs: list[str], deps: list[str], root: Path) -> float | None:
+    """The run's exact ratio: 0 for the teacher, else the first hybrid among its outs (distill, sft,
+    dpo write one), then its deps (the model a draft, speed or evaluation stage reads)."""
+    if str(key) == TEACHER_KEY:
+        return 0.0
+    for path in (*outs, *deps):
+        if (root / path).is_dir() and (exact := hybrid_mamba_ratio(root / path)) is not None:
+            return exact
+    return None
 
 
 @contextlib.contextmanager
@@ -305,7 +400,7 @@ def stage_run(ctx: Any) -> Iterator[StageTracker]:
         return
     root = repo_root(Path(ctx.params_path).resolve().parent if getattr(ctx, "params_path", None) else None)
     mlflow_client, experiment_id = client(ctx.params)
-    parent_id, group = _parent_for(mlflow_client, experiment_id, root)
+    parent_id, group, owns_parent = _parent_for(mlflow_client, experiment_id, root)
     deps, outs = stage_paths(ctx.name, root)
     tags = {
         "stage": ctx.name,
@@ -322,12 +417,21 @@ def stage_run(ctx: Any) -> Iterator[StageTracker]:
     run_id = mlflow_client.create_run(experiment_id, run_name=ctx.name, tags=tags).info.run_id
     tracker = StageTracker(mlflow_client, run_id)
     tracker.log_params(flatten(ctx.cfg, f"{ctx.section_name}."))
+    ratio = ratio_spelling(ctx.key)
+    if ratio is not None:  # every run of a ratio, whatever its stage: filter params.mamba_ratio = '0.75'
+        tracker.log_params({MAMBA_RATIO_PARAM: ratio})
     try:
         yield tracker
     except BaseException:
         mlflow_client.set_terminated(run_id, "FAILED")
-        if parent_id is not None and group.startswith("dvc-"):
-            mlflow_client.set_terminated(parent_id, "FAILED")
+        if owns_parent:
+            close_parent_run(mlflow_client, parent_id, failed=True)
         raise
+    if ratio is not None and MAMBA_RATIO_EXACT_PARAM not in tracker._params:
+        exact = _exact_ratio(ctx.key, outs, deps, root)
+        if exact is not None:
+            tracker.log_params({MAMBA_RATIO_EXACT_PARAM: exact})
     tracker.set_tags(hash_tags("out", outs, root))
     mlflow_client.set_terminated(run_id, "FINISHED")
+    if owns_parent:
+        close_parent_run(mlflow_client, parent_id)

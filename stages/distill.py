@@ -23,7 +23,7 @@ def main(ctx: StageContext) -> None:
     ratio = parse_ratio(ctx.key, params.ratios, where=f"--key of stage {ctx.name}")
 
     def log_params(values):
-        log_mamba_ratio(ctx, values.pop("mamba_ratio"))
+        log_mamba_ratio(ctx, ctx.key, exact=values.pop("mamba_ratio"))  # "0.75", exactly 22/30
         ctx.log_params(values)
 
     metrics = distill_ratio(ratio, params, log_params=log_params, log_metrics=lambda m, step: ctx.log_metrics(m, step=step))

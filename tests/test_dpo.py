@@ -184,7 +184,7 @@ def test_sft_and_dpo_stages_end_to_end(tiny, tmp_path, monkeypatch):
     assert "last_rewards/accuracies" in metrics and metrics["pairs"] == dpo_manifest["pairs_used"]
 
     for run, name in ((sft_run, "sft"), (dpo_run, "dpo")):
-        assert run.params == {"mamba_ratio": 0.5}
+        assert run.params == {"mamba_ratio": "0.5"}  # spelled as in params.yaml
         assert run.artifacts == [tmp_path / "models" / f"{name}_0.5" / "data_manifest.json"]
     assert [step for metric, step, _ in sft_run.metrics if metric == "sft.loss"] == [1, 2]
     assert [step for metric, step, _ in dpo_run.metrics if metric == "dpo.rewards/accuracies"] == [1, 2]

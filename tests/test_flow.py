@@ -58,7 +58,7 @@ def fake_stages(monkeypatch, fail=(), seconds=0.05):
 
     lock, running, overlaps, started = threading.Lock(), set(), [], []
 
-    def fake(root, stage, parent_run_id):
+    def fake(root, stage, parent):
         with lock:
             started.append(stage)
             overlaps.append((stage, frozenset(running)))
@@ -78,7 +78,7 @@ def test_threads_runner_runs_side_by_side_but_speed_alone(monkeypatch):
     graph = {"a": set(), "lm_eval@x": {"a"}, "lm_eval@y": {"a"}, "mt_bench@x": {"a"}, "speed@x": {"a"}, "speed@y": {"a"},
              "report": {"lm_eval@x", "lm_eval@y", "mt_bench@x", "speed@x", "speed@y"}}
     overlaps, started = fake_stages(monkeypatch)
-    outcome = run_threads(Path("."), graph, jobs=4, parent_run_id="p", log=lambda line: None)
+    outcome = run_threads(Path("."), graph, jobs=4, parent={}, log=lambda line: None)
     assert all(result == "done" for result, _ in outcome.values()) and set(outcome) == set(graph)
     assert started[0] == "a" and started[-1] == "report"
     together = {stage: others for stage, others in overlaps}
@@ -94,7 +94,7 @@ def test_threads_runner_starts_the_longest_chain_first(monkeypatch):
     graph = {"teacher": set(), "side": {"teacher"}, "prompts": {"teacher"}, "labels": {"prompts"}, "distill": {"labels"}}
     assert chain_lengths(graph) == {"teacher": 4, "side": 1, "prompts": 3, "labels": 2, "distill": 1}
     _, started = fake_stages(monkeypatch)
-    run_threads(Path("."), graph, jobs=1, parent_run_id="p", log=lambda line: None)
+    run_threads(Path("."), graph, jobs=1, parent={}, log=lambda line: None)
     assert started == ["teacher", "prompts", "labels", "side", "distill"]  # side waits behind the chain
 
 
@@ -103,7 +103,7 @@ def test_threads_runner_keeps_going_past_a_failure(monkeypatch):
 
     graph = {"a": set(), "b": {"a"}, "c": {"b"}, "d": {"a"}, "e": {"c", "d"}}
     fake_stages(monkeypatch, fail=("b",))
-    outcome = run_threads(Path("."), graph, jobs=2, parent_run_id="p", log=lambda line: None)
+    outcome = run_threads(Path("."), graph, jobs=2, parent={}, log=lambda line: None)
     assert outcome["a"][0] == outcome["d"][0] == "done"
     assert outcome["b"][0] == "failed (exit 3)"
     assert outcome["c"][0] == "skipped (after b)" and outcome["e"][0] == "skipped (after c)"
@@ -183,7 +183,7 @@ def test_stage_output_streams_to_its_log_file(tmp_path, monkeypatch):
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    code, lines, seconds = flow.repro_stage_process(tmp_path, "distill@0.5", "parent")
+    code, lines, seconds = flow.repro_stage_process(tmp_path, "distill@0.5", {})
     watcher.join()
     assert seen, "the stage's output did not reach its log file while it ran"
     assert code == 5 and sorted(lines) == ["step 1", "warn"] and seconds >= 0
@@ -191,8 +191,26 @@ def test_stage_output_streams_to_its_log_file(tmp_path, monkeypatch):
     assert first_run.startswith("==== ") and sorted(first_run.splitlines()[1:]) == ["step 1", "warn"]
 
     # a second run (DVC skipping the stage, say) is appended after its own header: the first stays
-    monkeypatch.setattr(flow, "repro_command", lambda stage: [sys.executable, "-c", "print('skipping')"])
-    code, lines, _ = flow.repro_stage_process(tmp_path, "distill@0.5", "parent")
-    assert code == 0 and lines == ["skipping"]
+    # the flow's parent-run group reaches the stage process (its first stage creates the MLflow parent)
+    script = "import os; print('skipping', os.environ['PIPELINE_PARENT_GROUP'], os.environ['PIPELINE_PARENT_NAME'])"
+    monkeypatch.setattr(flow, "repro_command", lambda stage: [sys.executable, "-c", script])
+    code, lines, _ = flow.repro_stage_process(tmp_path, "distill@0.5", flow.parent_env("g-1", "flow x"))
+    assert code == 0 and lines == ["skipping g-1 flow x"]
     text = log.read_text()
-    assert text.startswith(first_run) and text.count("==== ") == 2 and text.rstrip().endswith("skipping")
+    assert text.startswith(first_run) and text.count("==== ") == 2 and text.rstrip().endswith("skipping g-1 flow x")
+
+
+def test_dry_run_prints_the_plan_and_touches_nothing(capsys, monkeypatch):
+    """``--dry-run`` (what the README test uses for flow commands): checked arguments, the order, no run."""
+    from pipeline.flow import main
+
+    monkeypatch.chdir(REPO)
+    before = (REPO / "params.yaml").read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--target", "pseudo_labels", "--runner", "threads", "--dry-run"])
+    assert exit_info.value.code == 0
+    assert "stages in DVC order: teacher, prompts, pseudo_labels" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--params", "no-such-profile.yaml", "--dry-run"])
+    assert exit_info.value.code == 2 and "no-such-profile.yaml not found" in capsys.readouterr().err
+    assert (REPO / "params.yaml").read_bytes() == before

@@ -88,6 +88,8 @@ def stage_where(ctx: Any) -> str:
 
 
 def log_model(ctx: Any, model_name: str, extra: dict[str, Any] | None = None) -> None:
-    """Tag a scoring run with the model and its ``mamba_ratio`` (the MLflow name the report groups by)."""
-    ratio = mamba_ratio(model_name)
-    ctx.log_params({"model": model_name, **({"mamba_ratio": ratio} if ratio is not None else {}), **(extra or {})})
+    """Tag a scoring run with the model and its ``mamba_ratio``, spelled as in params.yaml (``0`` for the teacher)."""
+    from pipeline.tracking import MAMBA_RATIO_PARAM, ratio_spelling
+
+    ratio = ratio_spelling(model_name)
+    ctx.log_params({"model": model_name, **({MAMBA_RATIO_PARAM: ratio} if ratio is not None else {}), **(extra or {})})
