@@ -180,3 +180,132 @@ def test_report_stage_runs_from_params(tmp_path, monkeypatch):
     assert metrics["0.5/mt_bench_unvalidated"] == 5.4 and "0.5/mt_bench" not in metrics  # never logged as a score
     assert metrics["judge_check/mt_bench/spearman"] == 0.1 and tags["judge.mt_bench"] == "unvalidated"
     assert metrics["0.5/held_out_kl"] == pytest.approx(1.08) and run.data.params["report.profile"] == "cpu"
+
+
+def _lm_eval_results(root, patterns, limit=None, tasks=("arc_easy", "piqa")):
+    """results.json + items.jsonl per model as the lm_eval stage writes them, from 0/1 item patterns;
+    the lm_eval metrics file gets the same zero-shot average."""
+    import math
+
+    from pipeline.eval.lm_eval_tasks import items_jsonl
+
+    for model, per_task in patterns.items():
+        summary, records = {}, []
+        for task in tasks:
+            values = per_task[task]
+            acc = sum(values) / len(values)
+            summary[task] = {"acc": acc, "acc_stderr": math.sqrt(acc * (1 - acc) / (len(values) - 1)), "n": len(values)}
+            records.append({"suite": "zero_shot", "task": task, "subtask": task, "doc_id": list(range(len(values))),
+                            "doc_hash": f"h-{task}", "acc": "".join(str(v) for v in values)})
+        average = sum(t["acc"] for t in summary.values()) / len(summary)
+        _write(root / "lm_eval" / model / "results.json",
+               {"limit": limit, "suites": {"zero_shot": {"num_fewshot": 0, "tasks": summary, "average": average, "skipped": {}}}})
+        (root / "lm_eval" / model / "items.jsonl").write_text(items_jsonl(records))
+        metrics = root / "reports" / "metrics" / f"lm_eval_{model}.json"
+        body = json.loads(metrics.read_text())
+        body["zero_shot/average"] = average
+        metrics.write_text(json.dumps(body))
+
+
+def _patterns(n=400):
+    """teacher: 60% right; 0.5: the teacher's answers exactly; 0.75: wrong on a fixed 30% of the teacher's right items."""
+    import random
+
+    out = {"teacher": {}, "0.5": {}, "0.75": {}}
+    for k, task in enumerate(("arc_easy", "piqa")):
+        rng = random.Random(k)
+        teacher = [1] * int(0.6 * n) + [0] * (n - int(0.6 * n))
+        rng.shuffle(teacher)
+        right = [i for i, v in enumerate(teacher) if v]
+        dropped = set(rng.sample(right, int(0.3 * len(right))))
+        out["teacher"][task] = teacher
+        out["0.5"][task] = list(teacher)
+        out["0.75"][task] = [0 if i in dropped else v for i, v in enumerate(teacher)]
+    return out
+
+
+def test_retention_carries_a_paired_bootstrap_interval_and_is_called_only_outside_it(tmp_path):
+    from pipeline.eval.report import retention_metrics
+
+    metrics = _metrics(tmp_path, judge={"mt_bench/spearman": 0.9})
+    _lm_eval_results(tmp_path, _patterns())
+    params = ReportParams(profile="gpu", models=MODELS, bootstrap_iters=1000)
+    out = write_report(metrics, tmp_path, params, device="NVIDIA H100 80GB HBM3", commit="abc1234", date="2026-01-02",
+                       lm_eval_dir=tmp_path / "lm_eval")
+    page = (tmp_path / "RESULTS.md").read_text()
+    teacher, same, worse = _table_rows(page, "## GPU profile")[:3]
+    assert "| 0.600 | 100% |" in teacher
+    assert "| 0.600 | 100% [100%–100%] |" in same  # identical answers: every resample agrees, not called
+    cell = worse.split(" | ")[2]
+    assert cell.startswith("**70% [") and cell.endswith("%]**")  # bold: the interval excludes 100%
+    low, high = (int(x.rstrip("%]*")) for x in cell[len("**70% ["):].split("–"))  # [low%–high%]
+    assert 60 <= low < 70 < high <= 80
+    assert "Zero-shot retention, 95% paired-bootstrap interval over items: below the teacher for 0.75; not called for 0.5" in page
+
+    per_task = page.split("### lm-eval per task: `zero_shot` (0-shot)", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in per_task.splitlines() if line.startswith("| ")]
+    assert lines[0] == ("| task | items | metric | teacher (score ± s.e.) | 0.5 (score ± s.e.) | 0.75 (score ± s.e.) "
+                        "| 0.5 ÷ teacher (95% CI) | 0.75 ÷ teacher (95% CI) |")
+    assert lines[1].startswith("| ARC-Easy | 400 | acc | 0.600 ± 0.025 | 0.600 ± 0.025 | 0.420 ± 0.025 | 100% [100%–100%] | **70% [")
+    assert lines[2].startswith("| PIQA | 400 | acc |") and lines[3].startswith("| **average** |  | mean of tasks | 0.600 |")
+    assert "Items: every item of each task (`lm_eval.limit: null`)." in per_task
+    assert "paired bootstrap (1,000 resamples of the items" in per_task
+
+    record = json.loads((tmp_path / "reports" / "results_gpu.json").read_text())
+    arc = record["lm_eval"]["suites"]["zero_shot"]["tasks"][0]
+    assert arc["task"] == "arc_easy" and arc["retention"]["0.75"]["called"] and not arc["retention"]["0.5"]["called"]
+    assert arc["retention"]["0.75"]["difference"][0] == pytest.approx(-0.18)
+    flat = json.loads((tmp_path / "reports" / "headline" / "gpu_0.75.json").read_text())
+    assert flat["zero_shot_retention"] == pytest.approx(0.7) and flat["zero_shot_retention_high"] < 1
+    logged = retention_metrics(out["record"])
+    assert logged["0.75/retention/zero_shot/average_called"] == 1.0 and logged["0.5/retention/zero_shot/piqa"] == 1.0
+    assert logged["0.75/retention/zero_shot/arc_easy_low"] < 0.7 < logged["0.75/retention/zero_shot/arc_easy_high"]
+    # the same run again: the same intervals (seeded)
+    again = write_report(metrics, tmp_path, params, device="NVIDIA H100 80GB HBM3", commit="abc1234", date="2026-01-02",
+                         lm_eval_dir=tmp_path / "lm_eval")
+    assert retention_metrics(again["record"]) == logged
+
+
+def test_a_limited_run_says_so_and_other_items_are_not_paired(tmp_path):
+    metrics = _metrics(tmp_path)
+    patterns = _patterns(n=10)
+    _lm_eval_results(tmp_path, patterns, limit=10)
+    other = tmp_path / "lm_eval" / "0.5" / "items.jsonl"  # 0.5 scored on other documents of piqa
+    other.write_text(other.read_text().replace('"doc_hash":"h-piqa"', '"doc_hash":"other"'))
+    write_report(metrics, tmp_path, ReportParams(profile="cpu", models=MODELS, bootstrap_iters=200), commit="abc1234",
+                 date="2026-01-02", lm_eval_dir=tmp_path / "lm_eval")
+    page = (tmp_path / "RESULTS.md").read_text()
+    assert "Items: each task cut to its first 10 (`lm_eval.limit: 10`; MMLU: 10 per subject), so these are smoke values" in page
+    assert "PIQA: 0.5 scored on other items than the teacher: no retention." in page
+    same = _table_rows(page, "## CPU profile")[1]
+    assert "| 100% |" in same  # no interval for an average whose items are not all paired
+    assert "lm-eval 10 items per task" in page
+
+
+def test_long_context_rows_and_skipped_lengths(tmp_path):
+    metrics = _metrics(tmp_path)
+    settings = {"passkey": {"lengths": [1024, 4096, 8192], "depths": [0.0, 0.5, 1.0], "items": 10, "seed": 0},
+                "perplexity": {"source": "alpaca_eval/model_outputs/gpt4_1106_preview.jsonl", "length": 4096, "streams": 8}}
+    for model, acc in [("teacher", 1.0), ("0.5", 0.6)]:
+        buckets = [{"label": "0-512", "ppl": 12.0 / acc, "tokens": 4000}, {"label": "512-1024", "ppl": 10.0 / acc, "tokens": 4096}]
+        _write(metrics / f"long_context_{model}.json", {
+            "model": model, "settings": settings,
+            "passkey": {"1024": {"accuracy": acc, "n": 30, "by_depth": {"0": acc}}, "4096": {"accuracy": acc / 2, "n": 30}},
+            "perplexity": {"buckets": buckets},
+            "skipped": [{"kind": "passkey", "length": 8192, "note": "passkey at 8,192 tokens: beyond the model's 4,096 positions"}],
+        })
+    write_report(metrics, tmp_path, ReportParams(profile="gpu", models=MODELS), device="H100", commit="abc1234",
+                 date="2026-01-02")
+    page = (tmp_path / "RESULTS.md").read_text()
+    section = page.split("### Long-context recall", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ")]
+    assert rows[0] == ("| model | passkey @1k (exact, 0–1) | passkey @4k (exact, 0–1) | passkey @8k (exact, 0–1) "
+                       "| ppl tokens 0-512 | ppl tokens 512-1024 |")
+    assert rows[1] == "| **teacher** | 1.00 | 0.50 | skipped | 12.0 | 10.0 |"
+    assert rows[2] == "| **0.5** (0.700 exact) | 0.60 | 0.30 | skipped | 20.0 | 16.7 |"
+    assert "| **0.75**" not in section  # no long-context metrics: no row
+    assert "depths 0%, 50%, 100% of the context, 10 keys per length and depth" in section
+    assert "Skipped: passkey at 8,192 tokens: beyond the model's 4,096 positions" in section
+    flat = json.loads((tmp_path / "reports" / "headline" / "gpu_0.5.json").read_text())
+    assert flat["passkey_1024"] == 0.6 and flat["ppl_0-512"] == pytest.approx(20.0)
+    assert "long-context recall" in next(line for line in page.splitlines() if line.startswith("- **GPU profile:**"))

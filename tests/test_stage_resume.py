@@ -268,7 +268,8 @@ def eval_params(model: Path, mirror: Path) -> dict:
 
 # stage -> (its outputs, the wall-clock fields of their rows: {file name: keys})
 SCORING = {
-    "lm_eval": (["data/eval/lm_eval/tiny/results.json", "reports/metrics/lm_eval_tiny.json"], {}),
+    "lm_eval": (["data/eval/lm_eval/tiny/results.json", "data/eval/lm_eval/tiny/items.jsonl", "reports/metrics/lm_eval_tiny.json"],
+                {}),
     "alpaca_eval": (["data/eval/alpaca_eval/tiny", "reports/metrics/alpaca_eval_tiny.json"],
                     {"annotations.json": ("preference_date", "preference_time_per_example")}),  # alpaca_eval stamps each judgment
     "mt_bench": (["data/eval/mt_bench/tiny", "reports/metrics/mt_bench_tiny.json"], {}),
@@ -303,7 +304,7 @@ def outputs(root: Path, paths: list[str], wall_clock: dict[str, tuple[str, ...]]
         path = root / rel
         files = tree(path) if path.is_dir() else {path.name: path.read_bytes()}
         for name, data in files.items():
-            value = json.loads(data)
+            value = [json.loads(line) for line in data.splitlines()] if name.endswith(".jsonl") else json.loads(data)
             if name in wall_clock:
                 value = [without(row, *wall_clock[name]) for row in value]
             found[f"{rel}:{name}"] = value

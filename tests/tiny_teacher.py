@@ -94,6 +94,9 @@ def tiny_profile(params: dict, mirror: str) -> dict:
     p["judge"].update(batch_size=4, max_new_tokens=8)
     p["lm_eval"].update(models=models, data_mirror=mirror, limit=2, batch_size=4,
                         suites={"zero_shot": {"num_fewshot": 0, "tasks": ["arc_easy", "piqa"]}})
+    p["long_context"].update(models=models, data_mirror=mirror)
+    p["long_context"]["passkey"].update(lengths=[256], depths=[0.0, 1.0], items=1)  # the tiny teacher has 512 positions
+    p["long_context"]["perplexity"].update(length=256, streams=1)
     for name in ("alpaca_eval", "mt_bench"):
         p[name].update(models=models, data_mirror=mirror, limit=2)
         p[name]["generation"].update(max_new_tokens=8, batch_size=4)

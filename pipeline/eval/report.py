@@ -8,6 +8,8 @@ the device, the commit and the date. The record replaces its profile's in
 
 * ``RESULTS.md`` — one table per profile (quality, retention against the teacher, speed), units in
   the headers, columns nobody measured left out and named, and a summary of what a reader can trust;
+  under it the per-task lm-eval scores (items, score ± lm-eval's standard error, retention with a
+  paired-bootstrap interval, :mod:`pipeline.eval.bootstrap`) and the long-context probes;
 * ``reports/plots/results/<profile>_*.png`` — the plots the page links;
 * ``reports/headline/<profile>_<model>.json`` — a few flat numbers per row, the DVC metrics
   (``dvc metrics show`` is a table with one row per profile and model).
@@ -20,6 +22,9 @@ Two rules the page keeps:
 * **The CPU profile's figures are smoke values.** It is sized to prove that every stage runs and
   connects on a 2-core machine (a few items per benchmark, a few thousand distillation tokens, tiny
   speed settings); its numbers say nothing about quality or speed.
+* **A difference is called only when its interval excludes none.** Retention (a hybrid's score ÷ the
+  teacher's) carries a 95% interval from a paired bootstrap over the items every model was scored
+  on (``data/eval/lm_eval/<model>/items.jsonl``); it is bold only when the interval excludes 100%.
 * **A judge is checked before it is believed.** MT-Bench and AlpacaEval figures come from a judge;
   each carries that judge's rank agreement with published rankings (Spearman, from the
   ``judge_check`` stage). Below ``judge_min_spearman`` the figure is shown but labelled
@@ -38,6 +43,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from pipeline.errors import PipelineError
+from pipeline.eval.bootstrap import paired_bootstrap, to_json
 from pipeline.eval.inputs import mamba_ratio
 from pipeline.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -92,6 +98,9 @@ class ReportParams:
     profile: str = "cpu"  # which of RESULTS.md's tables this run's rows replace
     models: tuple[str, ...] = ("teacher", "0.5", "0.75", "0.875")
     judge_min_spearman: float = 0.7  # a judge's rank agreement below this: its figures are unvalidated
+    bootstrap_iters: int = 2000  # resamples of the paired bootstrap behind retention's intervals
+    bootstrap_seed: int = 0
+    confidence: float = 0.95  # the intervals' level
 
     @classmethod
     def from_cfg(cls, cfg: dict[str, Any], where: str = "params.yaml:report") -> "ReportParams":
@@ -102,7 +111,11 @@ class ReportParams:
         out = cls(**{k: v for k, v in cfg.items() if v is not None})
         if out.profile not in PROFILES:
             raise PipelineError(f"report.profile {out.profile!r} is not one of {list(PROFILES)}", where=f"{where}.profile")
-        return cls(out.profile, tuple(str(m) for m in out.models), float(out.judge_min_spearman))
+        if not 0 < float(out.confidence) < 1:
+            raise PipelineError(f"report.confidence {out.confidence} is not in (0, 1)", where=f"{where}.confidence")
+        return cls(profile=out.profile, models=tuple(str(m) for m in out.models),
+                   judge_min_spearman=float(out.judge_min_spearman), bootstrap_iters=int(out.bootstrap_iters),
+                   bootstrap_seed=int(out.bootstrap_seed), confidence=float(out.confidence))
 
 
 # --- reading a run's metrics -------------------------------------------------------------------
@@ -135,15 +148,16 @@ def model_row(metrics_dir: Path, model: str, lm_eval_dir: Path | None = None) ->
     mt = read_metrics(metrics_dir / f"mt_bench_{model}.json")
     speed = read_metrics(metrics_dir / f"speed_{model}.json")
     distill = read_metrics(metrics_dir / f"distill_{model}.json")
-    if not any((lm, alpaca, mt, speed, distill)):
+    long_context = read_metrics(metrics_dir / f"long_context_{model}.json")
+    if not any((lm, alpaca, mt, speed, distill, long_context)):
         return None
     trained = (distill.get("held_out") or {}).get("trained") or {}
     row: dict[str, Any] = {
         "model": model,
         "mamba_ratio": mamba_ratio(model),
         "zero_shot_avg": _number(lm.get("zero_shot/average")),
-        "lambada_acc": _number(lm.get("extra/lambada_openai/acc")),
-        "lambada_perplexity": _number(lm.get("extra/lambada_openai/perplexity")),
+        "lambada_acc": _suite_value(lm, "lambada_openai/acc"),
+        "lambada_perplexity": _suite_value(lm, "lambada_openai/perplexity"),
         "mmlu_5shot": _number(lm.get("mmlu_5shot/average")),
         "held_out_kl": _number(trained.get("kl")),
         "top1_agreement": _number(trained.get("top1_agreement")),
@@ -170,15 +184,36 @@ def model_row(metrics_dir: Path, model: str, lm_eval_dir: Path | None = None) ->
         row["spec_best_k"] = speed.get("best_k")
     items = _lm_eval_items(lm_eval_dir / model / "results.json") if lm_eval_dir else None
     if items:
-        row["lm_eval_items_per_task"] = items
+        row["lm_eval_items_per_task"], row["lm_eval_items_max"] = items
+    if long_context:
+        row["long_context"] = long_context_summary(long_context)
     return {k: v for k, v in row.items() if v is not None}
 
 
-def _lm_eval_items(path: Path) -> int | None:
-    """The items scored per zero-shot task (the most common count; lm-eval records it per task)."""
+def _suite_value(lm: dict[str, Any], task_metric: str) -> float | None:
+    """A task's figure from the lm_eval metrics file, whichever suite holds it (zero_shot first)."""
+    for suite in ("zero_shot", "extra"):
+        if _number(lm.get(f"{suite}/{task_metric}")) is not None:
+            return _number(lm[f"{suite}/{task_metric}"])
+    return None
+
+
+def _lm_eval_items(path: Path) -> tuple[int, int] | None:
+    """(fewest, most) items scored per zero-shot task (lm-eval records it per task; a group's is its subtasks' sum)."""
     counts = [t.get("n") for t in (read_metrics(path).get("suites", {}).get("zero_shot", {}).get("tasks") or {}).values()]
     counts = [int(n) for n in counts if isinstance(n, (int, float)) and n]
-    return max(set(counts), key=counts.count) if counts else None
+    return (min(counts), max(counts)) if counts else None
+
+
+def long_context_summary(body: dict[str, Any]) -> dict[str, Any]:
+    """The long_context stage's figures as a row keeps them: passkey accuracy per context length,
+    perplexity per position bucket, the settings and what was skipped."""
+    passkey = {str(length): {k: v for k, v in (entry or {}).items() if k in ("accuracy", "n", "by_depth", "key_logprob")}
+               for length, entry in (body.get("passkey") or {}).items()}
+    buckets = {b["label"]: {"ppl": b.get("ppl"), "tokens": b.get("tokens")}
+               for b in (body.get("perplexity") or {}).get("buckets", []) if b.get("label")}
+    return {"passkey": passkey, "perplexity": buckets, "settings": body.get("settings") or {},
+            "skipped": body.get("skipped") or []}
 
 
 def device_name(metrics_dir: Path, models: Sequence[str]) -> str:
@@ -221,8 +256,11 @@ def profile_record(
     date: str | None = None,
     lm_eval_dir: Path | None = None,
     lm_eval_items_per_task: int | None = None,
+    bootstrap: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """This run's rows for ``profile``, with its tags and its judge check."""
+    """This run's rows for ``profile``, with its tags, its judge check and, where ``lm_eval_dir`` holds
+    lm-eval's per-model results, the per-task scores with retention's bootstrap intervals
+    (``bootstrap``: ``iters``, ``seed``, ``level``; :func:`lm_eval_section`)."""
     rows = []
     for model in models:
         row = model_row(metrics_dir, model, lm_eval_dir)
@@ -231,6 +269,14 @@ def profile_record(
                 row.setdefault("lm_eval_items_per_task", lm_eval_items_per_task)
             rows.append(row)
     judge = read_metrics(metrics_dir / "judge_check.json")
+    lm_eval = lm_eval_section(lm_eval_dir, [r["model"] for r in rows], **(bootstrap or {})) if lm_eval_dir else None
+    if lm_eval:
+        average = (lm_eval["suites"].get("zero_shot") or {}).get("average") or {}
+        for row in rows:
+            retention = (average.get("retention") or {}).get(row["model"])
+            if retention and retention["ratio"][1] is not None:
+                row["zero_shot_retention_ci"] = retention["ratio"][1:]
+                row["zero_shot_retention_called"] = retention["called"]
     return {
         "profile": profile,
         "device": device or device_name(metrics_dir, models),
@@ -239,7 +285,78 @@ def profile_record(
         "judge_check": {fig: _number(judge.get(key)) for fig, key in JUDGE_CHECKS.items() if _number(judge.get(key)) is not None},
         "missing_models": [m for m in models if m not in {r["model"] for r in rows}],
         "rows": rows,
+        **({"lm_eval": lm_eval} if lm_eval else {}),
     }
+
+
+REFERENCE_MODEL = "teacher"
+
+
+def lm_eval_section(
+    lm_eval_dir: Path, models: Sequence[str], *, iters: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, Any] | None:
+    """Per suite and task, in the suite's order: the items scored, each model's headline score ± lm-eval's
+    standard error, and each hybrid's retention (÷ the teacher) with a paired-bootstrap interval over the
+    items both were scored on; the same for the suite average. None when no model has lm-eval results.
+
+    A model is paired with the teacher on a task only when both were scored on the same documents (same
+    ids and document fingerprints); a task where they differ keeps its scores, without retention, and is
+    listed under ``unpaired``.
+    """
+    from pipeline.eval.lm_eval_tasks import headline_metrics, read_items
+
+    results = {m: read_metrics(lm_eval_dir / m / "results.json") for m in models}
+    results = {m: r for m, r in results.items() if r.get("suites")}
+    if not results:
+        return None
+    items = {m: read_items(lm_eval_dir / m / "items.jsonl") for m in results}
+    order = [REFERENCE_MODEL] if REFERENCE_MODEL in results else []
+    order += [m for m in results if m not in order]
+    limit = next((results[m].get("limit") for m in order if "limit" in results[m]), None)
+    suites: dict[str, Any] = {}
+    for suite in dict.fromkeys(s for m in order for s in results[m]["suites"]):
+        bodies = {m: results[m]["suites"][suite] for m in order if suite in results[m]["suites"]}
+        tasks = list(dict.fromkeys(t for body in bodies.values() for t in body.get("tasks", {})))
+        rows, paired, unpaired = [], {}, {}
+        for task in tasks:
+            metric = headline_metrics(task)[0]
+            scores, n = {}, None
+            for model, body in bodies.items():
+                metrics = body.get("tasks", {}).get(task) or {}
+                if _number(metrics.get(metric)) is not None:
+                    scores[model] = [metrics[metric], _number(metrics.get(f"{metric}_stderr"))]
+                    n = n or metrics.get("n")
+            ref = (items.get(REFERENCE_MODEL) or {}).get(suite, {}).get(task)
+            if ref is not None and metric in ref:
+                paired[task] = {REFERENCE_MODEL: ref[metric]}
+                for model in order[1:]:
+                    other = (items.get(model) or {}).get(suite, {}).get(task)
+                    if other is None or metric not in other:
+                        continue
+                    if other["keys"] != ref["keys"] or other["doc_hash"] != ref["doc_hash"]:
+                        unpaired.setdefault(task, []).append(model)
+                        continue
+                    paired[task][model] = other[metric]
+            rows.append({"task": task, "metric": metric, "n": n, "scores": scores})
+        boot = paired_bootstrap(paired, REFERENCE_MODEL, iters=iters, seed=seed, level=level,
+                                average=[r["task"] for r in rows]) if paired else None
+        boot = to_json(boot) if boot else None
+        averaged = [r["task"] for r in rows if REFERENCE_MODEL in r["scores"]]
+        if boot and boot["average"]["tasks"] != averaged:  # an interval for another average than the one shown: none
+            boot["average"]["models"] = {}
+        for row in rows:
+            task_boot = (boot or {}).get("tasks", {}).get(row["task"])
+            if task_boot:
+                row["paired_n"] = task_boot["n"]
+                row["retention"] = {m: {k: c[k] for k in ("ratio", "difference", "called")} for m, c in task_boot["models"].items()}
+        average = {"scores": {m: body["average"] for m, body in bodies.items() if _number(body.get("average")) is not None}}
+        if boot and boot["average"]["models"]:
+            average["retention"] = {m: {k: c[k] for k in ("ratio", "difference", "called")}
+                                    for m, c in boot["average"]["models"].items()}
+            average["tasks"] = boot["average"]["tasks"]
+        suites[suite] = {"num_fewshot": next(iter(bodies.values())).get("num_fewshot", 0), "tasks": rows,
+                         "average": average, **({"unpaired": unpaired} if unpaired else {})}
+    return {"limit": limit, "bootstrap": {"iters": int(iters), "seed": int(seed), "level": float(level)}, "suites": suites}
 
 
 # --- the committed results, one file per profile ----------------------------------------------
@@ -297,7 +414,8 @@ def headline(record: dict[str, Any], min_spearman: float) -> dict[str, dict[str,
     """``{model: {key: value}}``: the few numbers per row that ``dvc metrics show`` tabulates.
 
     A judged figure's key ends in ``_unvalidated`` while its judge is below the threshold, so it is
-    never compared as a score.
+    never compared as a score. Retention comes with its interval (``zero_shot_retention_low`` /
+    ``_high``); the long-context probes as ``passkey_<length>`` and ``ppl_<bucket>``.
     """
     keys = {"zero_shot_avg": "zero_shot_avg", "zero_shot_retention": "zero_shot_retention", "lambada_acc": "lambada_acc",
             "held_out_kl": "held_out_kl", "top1_agreement": "top1_agreement", "tokens_per_s": "tokens_per_s",
@@ -311,8 +429,37 @@ def headline(record: dict[str, Any], min_spearman: float) -> dict[str, dict[str,
             if key in JUDGE_CHECKS and not judge_valid(record, key, min_spearman):
                 name += "_unvalidated"
             flat[name] = round(float(row[key]), 6)
+        if row.get("zero_shot_retention_ci") and row.get("zero_shot_retention") is not None:
+            flat["zero_shot_retention_low"], flat["zero_shot_retention_high"] = (
+                round(float(v), 6) for v in row["zero_shot_retention_ci"])
+        lc = row.get("long_context") or {}
+        for length, entry in (lc.get("passkey") or {}).items():
+            if entry.get("accuracy") is not None:
+                flat[f"passkey_{length}"] = round(float(entry["accuracy"]), 6)
+        for bucket, entry in (lc.get("perplexity") or {}).items():
+            if entry.get("ppl") is not None:
+                flat[f"ppl_{bucket}"] = round(float(entry["ppl"]), 6)
         out[row["model"]] = flat
     return out
+
+
+def retention_metrics(record: dict[str, Any]) -> dict[str, float]:
+    """``<model>/retention/<suite>/<task|average>`` with ``_low``, ``_high`` and ``_called`` (0/1), for MLflow."""
+    flat: dict[str, float] = {}
+    for suite, body in ((record.get("lm_eval") or {}).get("suites") or {}).items():
+        entries = [(t["task"], t.get("retention") or {}) for t in body["tasks"]]
+        entries.append(("average", (body.get("average") or {}).get("retention") or {}))
+        for task, retention in entries:
+            for model, r in retention.items():
+                estimate, low, high = r["ratio"]
+                if estimate is None:
+                    continue
+                name = f"{model}/retention/{suite}/{task}"
+                flat[name] = estimate
+                if low is not None:
+                    flat.update({f"{name}_low": low, f"{name}_high": high})
+                flat[f"{name}_called"] = float(r["called"])
+    return flat
 
 
 # --- the page ----------------------------------------------------------------------------------
@@ -323,9 +470,20 @@ def _cell(row: dict[str, Any], column: Column, record: dict[str, Any], min_spear
     if value is None:
         return REFERENCE.get(column.key, "–") if row["model"] == "teacher" else "–"
     text = _rate(value) if column.fmt == "rate" else column.fmt.format(value)
+    if column.key == "zero_shot_retention" and row.get("zero_shot_retention_ci"):
+        text = _retention_text(value, row["zero_shot_retention_ci"], row.get("zero_shot_retention_called", False))
     if column.judged and not judge_valid(record, column.key, min_spearman):
         text += " *unvalidated*"
     return text
+
+
+def _retention_text(ratio: float | None, interval: Sequence[float | None], called: bool) -> str:
+    """``91% [87%–95%]``; bold when the interval excludes 100% (a called difference)."""
+    if ratio is None:
+        return "–"
+    low, high = interval
+    text = f"{ratio:.0%}" if low is None or high is None else f"{ratio:.0%} [{low:.0%}–{high:.0%}]"
+    return f"**{text}**" if called else text
 
 
 def _rate(value: float) -> str:
@@ -385,9 +543,10 @@ def sizes_sentence(record: dict[str, Any]) -> str:
         return next((r[key] for r in rows if r.get(key)), None)
 
     parts = []
-    items = first("lm_eval_items_per_task")
+    items, most = first("lm_eval_items_per_task"), first("lm_eval_items_max")
     if items:
-        parts.append(f"lm-eval {items:.0f} items per task (standard error up to ±{0.5 / math.sqrt(items):.2f})")
+        counts = f"{items:,.0f}–{most:,.0f}" if most and most != items else f"{items:,.0f}"
+        parts.append(f"lm-eval {counts} items per task (standard error up to ±{0.5 / math.sqrt(items):.2f})")
     if first("held_out_tokens"):
         parts.append(f"held-out KL and top-1 over {first('held_out_tokens'):,.0f} answer tokens")
     if first("train_tokens"):
@@ -461,7 +620,10 @@ def trust_sentence(record: dict[str, Any], min_spearman: float) -> str:
             notes.append(f"The lm-eval accuracies and retention rest on {items} items per task: differences under "
                          f"about {1 / math.sqrt(items):.2f} (two standard errors) are noise.")
         else:
-            trusted.append("lm-eval accuracies and retention")
+            trusted.append("lm-eval accuracies (± their standard errors) and retention where its interval "
+                           "excludes 100%")
+    if any((r.get("long_context") or {}).get("passkey") or (r.get("long_context") or {}).get("perplexity") for r in rows):
+        trusted.append("long-context recall (passkey accuracy per context length, perplexity by position)")
     judged = [f for f in JUDGE_CHECKS if any(r.get(f) is not None for r in rows)]
     trusted += [_figure_name(f) for f in judged if judge_valid(record, f, min_spearman)]
     invalid = [_figure_name(f) for f in judged if not judge_valid(record, f, min_spearman)]
@@ -472,6 +634,144 @@ def trust_sentence(record: dict[str, Any], min_spearman: float) -> str:
         text += (f" Do not read the {', '.join(invalid)} figures as scores: their judge is unvalidated "
                  f"(rank agreement with published rankings below {min_spearman:.2f}).")
     return text
+
+
+# --- per-task scores and long-context probes ------------------------------------------------------
+
+TASK_NAMES = {
+    "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "hellaswag": "HellaSwag", "piqa": "PIQA",
+    "winogrande": "WinoGrande", "lambada_openai": "LAMBADA (OpenAI)", "openbookqa": "OpenBookQA", "boolq": "BoolQ",
+    "pubmedqa": "PubMedQA", "mmlu": "MMLU", "race": "RACE",
+}
+
+
+def _score_text(score: Sequence[float | None] | None) -> str:
+    if not score or score[0] is None:
+        return "–"
+    value, stderr = score[0], score[1] if len(score) > 1 else None
+    return f"{value:.3f} ± {stderr:.3f}" if stderr is not None else f"{value:.3f}"
+
+
+def retention_sentence(record: dict[str, Any]) -> str:
+    """Which hybrids' zero-shot retention the bootstrap calls below (or above) the teacher's."""
+    average = (((record.get("lm_eval") or {}).get("suites") or {}).get("zero_shot") or {}).get("average") or {}
+    retention = average.get("retention") or {}
+    if not retention:
+        return ""
+    level = (record["lm_eval"].get("bootstrap") or {}).get("level", 0.95)
+    below = [m for m, r in retention.items() if r["called"] and r["ratio"][0] is not None and r["ratio"][0] < 1]
+    above = [m for m, r in retention.items() if r["called"] and r["ratio"][0] is not None and r["ratio"][0] >= 1]
+    unclear = [m for m, r in retention.items() if not r["called"]]
+    parts = []
+    if below:
+        parts.append(f"below the teacher for {', '.join(below)}")
+    if above:
+        parts.append(f"above the teacher for {', '.join(above)}")
+    if unclear:
+        parts.append(f"not called for {', '.join(unclear)} (the interval holds 100%)")
+    return (f"Zero-shot retention, {level:.0%} paired-bootstrap interval over items: " + "; ".join(parts) + ".")
+
+
+def task_tables(record: dict[str, Any]) -> list[str]:
+    """One table per lm-eval suite: a row per task (the suite's order) and the average."""
+    section = record.get("lm_eval") or {}
+    if not section.get("suites"):
+        return []
+    boot = section.get("bootstrap") or {}
+    level = boot.get("level", 0.95)
+    models = [r["model"] for r in record["rows"]]
+    lines = []
+    for suite, body in section["suites"].items():
+        shown = [m for m in models if any(m in t["scores"] for t in body["tasks"])]
+        hybrids = [m for m in shown if m != REFERENCE_MODEL]
+        has_ref = REFERENCE_MODEL in shown
+        shots = body.get("num_fewshot", 0)
+        lines += ["", f"### lm-eval per task: `{suite}` ({shots}-shot)", ""]
+        header = ["task", "items", "metric", *[f"{m} (score ± s.e.)" for m in shown]]
+        if has_ref:
+            header += [f"{m} ÷ teacher ({level:.0%} CI)" for m in hybrids]
+        lines.append("| " + " | ".join(header) + " |")
+        lines.append("|---|---:|---|" + "---:|" * (len(header) - 3))
+        for task in body["tasks"]:
+            n = task.get("n")
+            cells = [TASK_NAMES.get(task["task"], task["task"]), f"{n:,}" if n else "?", task["metric"]]
+            cells += [_score_text(task["scores"].get(m)) for m in shown]
+            if has_ref:
+                for m in hybrids:
+                    r = (task.get("retention") or {}).get(m)
+                    cells.append(_retention_text(r["ratio"][0], r["ratio"][1:], r["called"]) if r else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        if len(body["tasks"]) > 1:
+            average = body.get("average") or {}
+            cells = ["**average**", "", "mean of tasks"]
+            cells += [_score_text([average.get("scores", {}).get(m)]) for m in shown]
+            if has_ref:
+                for m in hybrids:
+                    r = (average.get("retention") or {}).get(m)
+                    cells.append(_retention_text(r["ratio"][0], r["ratio"][1:], r["called"]) if r else "–")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        limit = section.get("limit")
+        if limit:
+            lines.append(f"Items: each task cut to its first {limit} (`lm_eval.limit: {limit}`; MMLU: {limit} per subject), "
+                         "so these are smoke values, not the benchmarks' scores.")
+        else:
+            lines.append("Items: every item of each task (`lm_eval.limit: null`).")
+        if has_ref and hybrids:
+            lines.append(f"Score: lm-eval's metric ± its standard error. Retention: the hybrid's score ÷ the teacher's on "
+                         f"the same items, with a {level:.0%} interval from a paired bootstrap ({boot.get('iters', '?'):,} "
+                         f"resamples of the items, every model on the same draw; seed {boot.get('seed', '?')}); **bold**: "
+                         "the interval excludes 100%, a called difference. The average's interval resamples every task's items.")
+        for task, unpaired in (body.get("unpaired") or {}).items():
+            lines.append(f"{TASK_NAMES.get(task, task)}: {', '.join(unpaired)} scored on other items than the teacher: no retention.")
+    return lines
+
+
+def _length_label(tokens: int) -> str:
+    return f"{tokens // 1024}k" if tokens % 1024 == 0 else f"{tokens:,}"
+
+
+def long_context_table(record: dict[str, Any]) -> list[str]:
+    """Passkey retrieval per context length and perplexity per position bucket, one row per model."""
+    rows = [r for r in record["rows"] if r.get("long_context")]
+    if not rows:
+        return []
+    lengths = sorted({int(k) for r in rows for k in r["long_context"].get("passkey", {})}
+                     | {int(s["length"]) for r in rows for s in r["long_context"].get("skipped", []) if s.get("kind") == "passkey"})
+    buckets = list(dict.fromkeys(b for r in rows for b in r["long_context"].get("perplexity", {})))
+    header = ["model", *[f"passkey @{_length_label(n)} (exact, 0–1)" for n in lengths],
+              *[f"ppl tokens {b}" for b in buckets]]
+    lines = ["", "### Long-context recall", "", "| " + " | ".join(header) + " |", "|---|" + "---:|" * (len(header) - 1)]
+    for row in rows:
+        lc = row["long_context"]
+        skipped = {int(s["length"]) for s in lc.get("skipped", []) if s.get("kind") == "passkey"}
+        cells = [_model_cell(row)]
+        for n in lengths:
+            entry = lc.get("passkey", {}).get(str(n))
+            cells.append(f"{entry['accuracy']:.2f}" if entry and entry.get("accuracy") is not None
+                         else ("skipped" if n in skipped else "–"))
+        for b in buckets:
+            entry = lc.get("perplexity", {}).get(b)
+            cells.append(f"{entry['ppl']:,.1f}" if entry and entry.get("ppl") is not None else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    settings = rows[0]["long_context"].get("settings") or {}
+    pk, ppl = settings.get("passkey") or {}, settings.get("perplexity") or {}
+    parts = []
+    if pk:
+        depths = ", ".join(f"{d:.0%}" for d in pk.get("depths", []))
+        parts.append(f"passkey: a 5-digit key hidden in generated filler at depths {depths} of the context, "
+                     f"{pk.get('items', '?')} keys per length and depth, scored as exact greedy retrieval of every key token")
+    if ppl:
+        parts.append(f"perplexity by the predicted token's position over {ppl.get('streams', '?')} held-out streams of "
+                     f"{ppl.get('length', 0):,} tokens ({ppl.get('source', 'mirror text')})")
+    if parts:
+        lines.append("Long-context probes (`long_context`): " + "; ".join(parts)
+                     + (" — the CPU profile's tiny setting, smoke values." if record["profile"] in SMOKE_PROFILES else "."))
+    notes = sorted({s["note"] for r in rows for s in r["long_context"].get("skipped", []) if s.get("note")})
+    for note in notes:
+        lines.append(f"Skipped: {note}")
+    return lines
 
 
 def results_markdown(results: dict[str, dict[str, Any]], min_spearman: float, plots: dict[str, list[str]] | None = None) -> str:
@@ -487,7 +787,9 @@ def results_markdown(results: dict[str, dict[str, Any]], min_spearman: float, pl
         "",
         "Models: the teacher and the hybrids distilled from it, named by their Mamba ratio (the fraction of "
         "attention layers replaced by Mamba; the exact fraction when the layer count does not divide evenly). "
-        "Retention is a hybrid's zero-shot average ÷ the teacher's of the same run. MT-Bench and AlpacaEval "
+        "Retention is a hybrid's zero-shot average ÷ the teacher's of the same run, with an interval (`report.confidence`, "
+        "95% by default) from a paired bootstrap over the items both were scored on, where the items were kept; a "
+        "difference is called (bold) only when that interval excludes 100%. MT-Bench and AlpacaEval "
         f"figures come from a judge: below a rank agreement of {min_spearman:.2f} with published rankings "
         "(`report.judge_min_spearman`, measured by the `judge_check` stage) they are marked *unvalidated*: shown, "
         "not scores.",
@@ -506,9 +808,11 @@ def results_markdown(results: dict[str, dict[str, Any]], min_spearman: float, pl
                       "Its figures come from a few items per benchmark, a few thousand distillation tokens and the speed "
                       "stage's tiny CPU settings; they do not measure quality or speed. The GPU profile does.", ""]
         lines += profile_table(record, min_spearman)
-        notes = [s for s in [sizes_sentence(record), *judge_sentences(record, min_spearman)] if s]
+        notes = [s for s in [sizes_sentence(record), retention_sentence(record), *judge_sentences(record, min_spearman)] if s]
         if notes:
             lines += [""] + [f"- {note}" for note in notes]
+        lines += task_tables(record)
+        lines += long_context_table(record)
         if plots.get(profile):
             lines += [""] + [f"![{Path(p).stem}]({p})" for p in plots[profile]]
     return "\n".join(lines).rstrip() + "\n"
@@ -560,15 +864,21 @@ def plot_profile(record: dict[str, Any], plots_dir: Path, min_spearman: float) -
     fig, ax = plt.subplots(figsize=(8, 3.8))
     width = 0.8 / max(len(hybrids), 1)
     labels = {key: label for key, label in PLOTTED}
+    intervals = {r["model"]: r["zero_shot_retention_ci"] for r in record["rows"]
+                 if r.get("zero_shot_retention_ci") and None not in r["zero_shot_retention_ci"]}
     for i, model in enumerate(hybrids):
         labelled = False
         for j, key in enumerate(ratios):
             if model not in ratios[key]:
                 continue
             unvalidated = key in JUDGE_CHECKS and not judge_valid(record, key, min_spearman)
-            bars = ax.bar(j + (i - (len(hybrids) - 1) / 2) * width, ratios[key][model], width, color=f"C{i}",
+            ratio = ratios[key][model]
+            interval = intervals.get(model) if key == "zero_shot_avg" else None  # retention's bootstrap interval
+            bars = ax.bar(j + (i - (len(hybrids) - 1) / 2) * width, ratio, width, color=f"C{i}",
                           hatch="//" if unvalidated else None, alpha=0.45 if unvalidated else 1.0,
-                          label=None if labelled else model)
+                          label=None if labelled else model,
+                          yerr=[[max(ratio - interval[0], 0)], [max(interval[1] - ratio, 0)]] if interval else None,
+                          capsize=2, error_kw={"linewidth": 0.8})
             ax.bar_label(bars, fmt="{:.0%}", fontsize=6)
             labelled = True
     ax.set_xticks(range(len(ratios)), [_plot_label(record, k, labels[k], min_spearman) for k in ratios], fontsize=7)
@@ -659,7 +969,8 @@ def write_report(
     """The stage: this run's profile record merged into the committed results, then everything rendered."""
     reports = root / "reports"
     record = profile_record(metrics_dir, params.profile, params.models, device=device, commit=commit, date=date,
-                            lm_eval_dir=lm_eval_dir)
+                            lm_eval_dir=lm_eval_dir, bootstrap={"iters": params.bootstrap_iters,
+                                                                "seed": params.bootstrap_seed, "level": params.confidence})
     results = merge(load_results(reports), record)
     for profile, body in results.items():  # every profile's file exists after a run (DVC checks its outs)
         atomic_write_json(results_path(reports, profile), body)
