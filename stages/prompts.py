@@ -8,12 +8,15 @@ params.yaml::
       eval_files: [../shared/data/alpaca_eval/model_outputs/gpt4_1106_preview.jsonl,
                    ../shared/data/mt_bench/question.jsonl]   # [] turns eval exclusion off
       max_prompts: null
+      target_prompts: null                 # fewer from the source: the teacher writes the rest (Magpie)
+      top_up: {seed: 1}                    # their options: kind self_generated's, less num_prompts
       out_dir: data/prompts
 
 Outputs (written atomically): ``prompts.jsonl``, one ``{"id", "messages", "origin"}`` per line in
 source order, where ``messages`` is the single-turn prompt (system?, first user turn) that the
 pseudo-label stage answers; ``manifest.json`` with the source spec, counts, malformed rows
-(file:line and reason) and exclusions.
+(file:line and reason), exclusions and the top-up's generation stats. Top-up prompts come last,
+with origins ``top_up:<n>``.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main(ctx: StageContext) -> None:
         teacher_dir=cfg.get("teacher_dir", "models/teacher"),
         eval_files=eval_files,
         max_prompts=cfg.get("max_prompts"),
+        target_prompts=cfg.get("target_prompts"),
+        top_up=cfg.get("top_up"),
         where=ctx.where("source"),
     )
     lines = [
@@ -52,7 +57,8 @@ def main(ctx: StageContext) -> None:
     ctx.log_metrics({
         "prompts.rows_read": report.rows_read, "prompts.rows_used": report.rows_used,
         "prompts.malformed": report.malformed_count, "prompts.duplicates_removed": report.duplicates_removed,
-        "prompts.eval_excluded": report.eval_excluded,
+        "prompts.eval_excluded": report.eval_excluded, "prompts.num_prompts": len(lines),
+        "prompts.top_up": (report.top_up or {}).get("kept", 0),  # written by the teacher to reach target_prompts
     })
     ctx.log_artifact(out_dir / "manifest.json")
 

@@ -7,16 +7,23 @@ params.yaml::
       max_new_tokens: 64
       batch_size: 16
       shard_size: 16          # prompts per shard: the unit of resume after a kill
-      seed: 0                 # shard i samples with seed + i
+      seed: 0                 # static_cache: answer k of prompt i samples with a hash of (seed, i, k); transformers: shard i with seed + i
       do_sample: false        # greedy; true uses temperature / top_p / top_k (0 = off)
       temperature: 0.7
       top_p: 0.9
       top_k: 50
       dtype: float32
+      decoder: static_cache   # our batched static-cache decoder | transformers (model.generate)
+      answers_per_prompt: 1   # > 1 (sampling only): rows "<prompt id>#<k>", each answer with its own seed
+      kernels: reference      # static_cache's decoding step: reference | triton | fused (GPU)
 
 Reads the teacher from ``teacher.out_dir`` and the prompts from ``<prompts.out_dir>/prompts.jsonl``;
 a prompt whose user turn is empty is skipped with a warning, counted in the manifest
 (``skipped_prompts``, with lines) and logged as the metric ``pseudo_labels.skipped_prompts``.
+Generation throughput is logged as ``pseudo_labels.prompt_tokens_per_second`` and
+``pseudo_labels.response_tokens_per_second`` (over the generation seconds of every shard, also
+those kept from an earlier, killed run: the manifest's ``generation``), beside the stage's own
+wall-clock rate ``pseudo_labels.tokens_per_second``.
 The out dir is declared ``persist: true`` in dvc.yaml so a rerun after a kill keeps finished shards;
 the library deletes the shards that were made from other params, teacher or prompts.
 """
@@ -40,9 +47,12 @@ def main(ctx: StageContext) -> None:
     manifest = generate_pseudo_labels(prompts_file, teacher_dir, out_dir, params)
     seconds = time.perf_counter() - started
 
-    ctx.set_tags({"pseudo_labels.teacher_sha256": manifest["teacher_sha256"], "pseudo_labels.prompts_sha256": manifest["prompts_sha256"]})
+    ctx.set_tags({"pseudo_labels.teacher_sha256": manifest["teacher_sha256"], "pseudo_labels.prompts_sha256": manifest["prompts_sha256"],
+                  "pseudo_labels.decoder": params.decoder})
+    generation = manifest["generation"]
     ctx.log_metrics(
         {
+            "pseudo_labels.prompts": manifest["prompts"],
             "pseudo_labels.rows": manifest["rows"],
             "pseudo_labels.prompt_tokens": manifest["prompt_tokens"],
             "pseudo_labels.response_tokens": manifest["response_tokens"],
@@ -53,6 +63,9 @@ def main(ctx: StageContext) -> None:
             "pseudo_labels.seconds": seconds,
             "pseudo_labels.prompts_per_second": manifest["rows"] / seconds,
             "pseudo_labels.tokens_per_second": manifest["response_tokens"] / seconds,
+            "pseudo_labels.generation_seconds": generation["seconds"],
+            "pseudo_labels.prompt_tokens_per_second": generation["prompt_tokens_per_second"],
+            "pseudo_labels.response_tokens_per_second": generation["response_tokens_per_second"],
         }
     )
     ctx.log_artifact(out_dir / MANIFEST)

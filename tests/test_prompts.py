@@ -11,6 +11,8 @@ from pipeline.data.magpie import MagpieParams, generate_user_prompts, rejection_
 from pipeline.data.prompts import load_prompts, normalise_text, prompt_messages
 from pipeline.errors import PipelineError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: extra threads only contend on a shared CPU
+
 ROWS = [
     {"instruction": "Name three primes.", "input": "", "output": "2, 3, 5"},
     {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"},
@@ -135,6 +137,10 @@ def test_prompts_stage_writes_what_pseudo_labels_reads(tmp_path, monkeypatch):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert [p.id for p in prompts] == list(range(len(ROWS))) and manifest["num_prompts"] == len(ROWS)
     assert manifest["malformed"] == [{"file": "train.jsonl", "line": len(ROWS) + 1, "reason": manifest["malformed"][0]["reason"]}]
+    # target_prompts reaches the library: one more prompt than the file gives needs the teacher
+    cfg = {**params["prompts"], "target_prompts": len(ROWS) + 1, "teacher_dir": "no_teacher"}
+    with pytest.raises(PipelineError, match="dvc repro teacher"):
+        main(StageContext("prompts", "prompts", None, params, tmp_path / "params.yaml", cfg))
 
 
 # ---------------------------------------------------------------- self-generated (Magpie)
@@ -196,7 +202,7 @@ def test_self_generation_is_deterministic_dedups_and_filters(tiny_teacher):
     from transformers import LogitsProcessorList
 
     params = MagpieParams(num_prompts=8, seed=3, batch_size=16, max_new_tokens=6, min_chars=3, max_batches=2,
-                          system_prompts=("Ask about weather.", "Ask about maths, please, in detail."))
+                          system_prompts=("Ask about weather.", "Ask about maths, please, in detail."), decoder="transformers")
     restrict = {"logits_processor": LogitsProcessorList([OnlyAllowed(small_vocabulary(tokenizer), len(tokenizer))])}
     first, stats = generate_user_prompts(model, tokenizer, params, progress=False, **restrict)
     again, _ = generate_user_prompts(model, tokenizer, params, progress=False, **restrict)
@@ -219,7 +225,7 @@ def test_self_generated_source_through_load_prompts(tiny_llama_dir, monkeypatch)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     spec = {"kind": "self_generated", "num_prompts": 2, "seed": 0, "batch_size": 8, "max_new_tokens": 6, "min_chars": 3,
-            "max_batches": 4, "generate_kwargs": {"repetition_penalty": 1.0}}
+            "max_batches": 4, "generate_kwargs": {"repetition_penalty": 1.0}, "decoder": "transformers"}
     with pytest.raises(PipelineError, match="no prompts left"):  # an unconstrained random model never ends a turn
         load_prompts({**spec, "max_batches": 1}, teacher_dir=tiny_llama_dir, eval_files=[], progress=False)
     restricted = LogitsProcessorList([OnlyAllowed(small_vocabulary(tokenizer), len(tokenizer))])
@@ -228,6 +234,59 @@ def test_self_generated_source_through_load_prompts(tiny_llama_dir, monkeypatch)
     assert len(prompt_set) == 2 and prompt_set.report.generation["kept"] == 2
     assert prompt_set.origins == ["self_generated:0", "self_generated:1"]
     assert prompt_set.report.rows_read == prompt_set.report.generation["generated"]
+
+
+STATIC = dict(seed=3, max_new_tokens=6, min_chars=3, system_prompts=("Ask about weather.", "Ask about maths, please, in detail."))
+
+
+def test_static_cache_self_generation_is_seeded_per_row(tiny_teacher):
+    model, tokenizer = tiny_teacher
+    restrict = {"suppress_tokens": small_vocabulary(tokenizer)}
+    params = MagpieParams(num_prompts=8, batch_size=16, max_batches=2, **STATIC)
+    first, stats = generate_user_prompts(model, tokenizer, params, progress=False, **restrict)
+    again, _ = generate_user_prompts(model, tokenizer, params, progress=False, **restrict)
+    other, _ = generate_user_prompts(model, tokenizer, MagpieParams(**{**params.__dict__, "seed": 4}), progress=False, **restrict)
+    assert first == again and first != other and len(first) == stats["kept"] > 0
+    texts = [c[-1]["content"] for c in first]
+    assert len({normalise_text(t) for t in texts}) == len(texts)
+    assert all(rejection_reason(t, True, ["<|im_start|>", "<|im_end|>"], params) is None for t in texts)
+    assert set(" ".join(texts).split()) <= {"why"}  # suppressed tokens are never sampled
+    assert stats["duplicates"] > 0 and stats["generated"] == 16 * stats["batches"]
+    # row r samples with its own seed: the same prompts from batches of another size
+    halves, _ = generate_user_prompts(model, tokenizer, MagpieParams(num_prompts=8, batch_size=8, max_batches=4, **STATIC),
+                                      progress=False, **restrict)
+    assert halves == first
+    # the texts already known (a prompt file's) count as duplicates
+    known, known_stats = generate_user_prompts(model, tokenizer, params, progress=False, known_texts={normalise_text(texts[0])},
+                                               **restrict)
+    assert texts[0] not in [c[-1]["content"] for c in known] and known_stats["duplicates"] > stats["duplicates"]
+    with pytest.raises(PipelineError, match="static-cache decoder takes only"):
+        generate_user_prompts(model, tokenizer, params, progress=False, repetition_penalty=1.1)
+
+
+def test_a_short_source_is_topped_up_by_the_teacher(tiny_llama_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    top_up = {"batch_size": 16, "max_new_tokens": 6, "min_chars": 3, "max_batches": 3, "generate_kwargs": {"suppress_tokens": small_vocabulary(tokenizer)}}
+    source = write_jsonl(tmp_path / "few.jsonl", ROWS[:3])
+    kwargs = dict(teacher_dir=tiny_llama_dir, target_prompts=5, top_up=top_up, progress=False)
+    topped = load([source], tmp_path, **kwargs)
+    assert len(topped) == 5 and topped.origins[3:] == ["top_up:0", "top_up:1"]
+    assert topped.conversations[:3] == load([source], tmp_path).conversations
+    assert topped.report.rows_used == 3 and topped.report.top_up["requested"] == 2 and topped.report.top_up["kept"] == 2
+    # a prompt the files already hold is never written again
+    first_new = topped.conversations[3][-1]["content"]
+    source = write_jsonl(tmp_path / "few.jsonl", [*ROWS[:3], {"prompt": first_new}])
+    again = load([source], tmp_path, **kwargs)
+    assert len(again) == 5 and [c[-1]["content"] for c in again.conversations].count(first_new) == 1
+    assert again.report.top_up["duplicates"] > topped.report.top_up["duplicates"]
+    # enough prompts in the files: no teacher is loaded
+    assert len(load([source], tmp_path, teacher_dir=tmp_path / "none", target_prompts=4, progress=False)) == 4
+    with pytest.raises(PipelineError, match="exceeds max_prompts"):
+        load([source], tmp_path, target_prompts=5, max_prompts=4)
+    with pytest.raises(PipelineError, match="without num_prompts"):
+        load([source], tmp_path, teacher_dir=tiny_llama_dir, target_prompts=6, top_up={"num_prompts": 3})
 
 
 @pytest.mark.slow

@@ -31,7 +31,8 @@ warning, and logged by the dpo stage as the metric ``dpo.malformed_rows``; more 
 ``dpo.max_malformed_fraction`` of the rows (default 0.1) stops the stage with an error.
 
 Self-built pairs (the default: no external data, :func:`build_self_pairs`). For each
-pseudo-label row, the teacher's answer is ``chosen`` and an answer sampled from the current
+pseudo-label prompt (its first row when ``pseudo_labels.answers_per_prompt`` gave it several;
+``max_prompts`` counts prompts), the teacher's answer is ``chosen`` and an answer sampled from the current
 student (the SFT model) is ``rejected``. The teacher then scores both answers by its own
 length-normalised log-likelihood (mean log-probability per answer token, end-of-turn token
 included). **Rule: a pair is kept only if the teacher scores its own answer strictly higher; if it
@@ -87,6 +88,7 @@ class PreferenceReport:
     empty_excluded: int = 0
     excluded_examples: list[str] = field(default_factory=list)  # origins of the first excluded pairs
     student_preferred_dropped: int = 0  # self_built only: the teacher ranked the student's answer higher
+    repeated_prompts_skipped: int = 0  # self_built only: further answers to a prompt already taken (one pair per prompt)
     truncated: int = 0  # dropped by max_pairs
     pairs_used: int = 0
     teacher_scores: dict[str, float] | None = None  # self_built only: means over the kept pairs
@@ -458,8 +460,16 @@ def build_self_pairs(
             f"teacher vocab ({teacher.config.vocab_size}) differs from the student's ({student.config.vocab_size})",
             fix="use the teacher the student was distilled from",
         )
-    candidates = []
-    for origin, messages in conversations[: params.max_prompts]:
+    candidates, taken = [], set()
+    for origin, messages in conversations:
+        if params.max_prompts is not None and report.rows_read >= params.max_prompts:
+            break
+        # pseudo_labels.answers_per_prompt > 1 gives several rows per prompt: the first answer stands for the prompt
+        key = json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False) if isinstance(messages, list) else None
+        if key is not None and key in taken:
+            report.repeated_prompts_skipped += 1
+            continue
+        taken.add(key)
         report.rows_read += 1
         if not messages or messages[-1]["role"] != "assistant":
             report.add_malformed(origin, 0, "pseudo-label row does not end with the teacher's answer")

@@ -20,6 +20,10 @@ Entry point (the ``prompts`` stage and anything else that needs prompts calls on
      "column": "messages", "config": null, "max_rows": null}          # online only
     {"kind": "self_generated", "num_prompts": 256, "seed": 0, ...}    # see pipeline.data.magpie.MagpieParams
 
+``target_prompts`` (with ``top_up`` options) tops any source up with prompts the teacher writes
+itself when it gives fewer (see :func:`load_prompts`), so a small prompt file still yields as
+much distillation data as asked for.
+
 File rows are recognised one by one (a file may mix shapes): ``messages`` (role/content),
 ShareGPT ``conversations`` (from/value), HH-RLHF ``chosen`` transcripts, MT-Bench ``turns``,
 alpaca ``instruction``/``input``/``output`` (AlpacaEval rows have ``instruction`` only, or
@@ -88,6 +92,7 @@ class PromptReport:
     eval_files_missing: list[str] = field(default_factory=list)
     truncated: int = 0  # dropped by max_prompts
     generation: dict[str, Any] | None = None  # self_generated only: attempts and rejections by reason
+    top_up: dict[str, Any] | None = None  # target_prompts only: requested, kept, attempts and rejections by reason
     warnings: list[str] = field(default_factory=list)
 
     def add_malformed(self, file: str, line: int, reason: str) -> None:
@@ -116,6 +121,8 @@ def load_prompts(
     teacher_dir: str | os.PathLike | None = None,
     eval_files: list[str] | tuple[str, ...] | None = DEFAULT_EVAL_FILES,
     max_prompts: int | None = None,
+    target_prompts: int | None = None,
+    top_up: dict[str, Any] | None = None,
     progress: bool = True,
     where: str = "prompts.source",
 ) -> PromptSet:
@@ -124,7 +131,21 @@ def load_prompts(
     Relative paths (files, eval files, teacher_dir) are resolved against ``base_dir``
     (default: the working directory; the stage passes the directory of params.yaml).
     ``eval_files=None`` or ``[]`` turns evaluation-prompt exclusion off.
+
+    ``target_prompts``: when the source gives fewer prompts (after dedup, exclusion and
+    ``max_prompts``), the teacher writes the rest (Magpie, :mod:`pipeline.data.magpie`), with the
+    options ``top_up`` (those of ``kind: self_generated`` but ``num_prompts``; ``seed`` defaults
+    to 1 so a self-generated source and its top-up differ). They come after the source's prompts
+    with origins ``top_up:<n>``; none repeats a source prompt or matches an evaluation prompt.
     """
+    where_root = where.rsplit(".", 1)[0] if where.endswith(".source") else where
+    if target_prompts is not None:
+        if isinstance(target_prompts, bool) or not isinstance(target_prompts, int) or target_prompts < 1:
+            raise PipelineError(f"target_prompts must be a positive integer or null, got {target_prompts!r}",
+                                where=f"{where_root}.target_prompts")
+        if max_prompts is not None and target_prompts > max_prompts:
+            raise PipelineError(f"target_prompts {target_prompts} exceeds max_prompts {max_prompts}",
+                                where=f"{where_root}.target_prompts", fix="raise max_prompts (or null it), or lower target_prompts")
     if not isinstance(spec, dict) or spec.get("kind") not in SOURCE_KINDS:
         raise PipelineError(
             f"prompt source must be a mapping with kind one of {', '.join(SOURCE_KINDS)}, got {spec!r}",
@@ -160,6 +181,13 @@ def load_prompts(
     if max_prompts is not None and len(conversations) > max_prompts:
         report.truncated = len(conversations) - max_prompts
         conversations, origins = conversations[:max_prompts], origins[:max_prompts]
+    report.rows_used = len(conversations)
+    if target_prompts is not None and len(conversations) < target_prompts:
+        known = {normalise_text(m["content"]) for c in conversations for m in prompt_messages(c) if m["role"] == "user"}
+        extra = _top_up(target_prompts - len(conversations), top_up or {}, base, teacher_dir, report,
+                        is_excluded if excluded else None, known, progress, f"{where_root}.top_up")
+        conversations += extra
+        origins += [f"top_up:{i}" for i in range(len(extra))]
     if not conversations:
         raise PipelineError(
             f"no prompts left from source {spec!r} (rows read {report.rows_read}, malformed {report.malformed_count}, "
@@ -167,7 +195,6 @@ def load_prompts(
             where=where,
             fix="check the source files/params; the report's malformed list says what was wrong",
         )
-    report.rows_used = len(conversations)
     return PromptSet(conversations, origins, report)
 
 
@@ -432,16 +459,40 @@ def _column_row(row: dict[str, Any], column: str | None) -> Any:
     return value
 
 
-def _self_generated(spec, base, teacher_dir, report, is_excluded: Callable[[Conversation], bool], progress, where):
-    from pipeline.data.magpie import MagpieParams, generate_user_prompts, load_teacher
+def _magpie_params(options: dict[str, Any], where: str, what: str = "self_generated"):
+    from pipeline.data.magpie import MagpieParams
 
-    options = {k: v for k, v in spec.items() if k not in ("kind", "generate_kwargs")}
     try:
-        params = MagpieParams(**options)
+        return MagpieParams(**options)
     except TypeError as exc:
-        raise PipelineError(f"bad self_generated option: {exc}", where=where,
+        raise PipelineError(f"bad {what} option: {exc}", where=where,
                             fix=f"known options: {', '.join(MagpieParams.__dataclass_fields__)}, generate_kwargs") from exc
-    model, tokenizer = load_teacher(_resolve(str(teacher_dir or "models/teacher"), base))
+
+
+def _top_up(count: int, options: dict[str, Any], base: Path, teacher_dir, report: PromptReport,
+            is_excluded: Callable[[Conversation], bool] | None, known: set[str], progress: bool, where: str) -> list[Conversation]:
+    """``count`` prompts written by the teacher to fill the source up to ``target_prompts``."""
+    from pipeline.data.magpie import generate_user_prompts, load_teacher
+
+    if not isinstance(options, dict) or "num_prompts" in options:
+        raise PipelineError("top_up must be a mapping of self_generated options without num_prompts "
+                            "(target_prompts sets how many)", where=where, fix="e.g. top_up: {seed: 1, batch_size: 64}")
+    params = _magpie_params({"seed": 1, **{k: v for k, v in options.items() if k != "generate_kwargs"}, "num_prompts": count},
+                            where, "top_up")
+    model, tokenizer = load_teacher(_resolve(str(teacher_dir or "models/teacher"), base), params.dtype)
+    conversations, stats = generate_user_prompts(model, tokenizer, params, is_excluded=is_excluded, known_texts=known,
+                                                 progress=progress, **(options.get("generate_kwargs") or {}))
+    report.top_up = {"requested": count, **stats}
+    if len(conversations) < count:
+        report.warnings.append(f"the top-up kept {len(conversations)} of {count} requested prompts (raise top_up.max_batches)")
+    return conversations
+
+
+def _self_generated(spec, base, teacher_dir, report, is_excluded: Callable[[Conversation], bool], progress, where):
+    from pipeline.data.magpie import generate_user_prompts, load_teacher
+
+    params = _magpie_params({k: v for k, v in spec.items() if k not in ("kind", "generate_kwargs")}, where)
+    model, tokenizer = load_teacher(_resolve(str(teacher_dir or "models/teacher"), base), params.dtype)
     conversations, stats = generate_user_prompts(model, tokenizer, params, is_excluded=is_excluded, progress=progress,
                                                  **(spec.get("generate_kwargs") or {}))
     report.rows_read = stats["generated"]

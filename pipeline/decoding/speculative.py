@@ -72,6 +72,73 @@ class Sampling:
 GREEDY = Sampling()
 
 
+# --- per-row seeds ----------------------------------------------------------------------------------
+
+_MASK32 = 0xFFFFFFFF
+# multipliers below 2**31, so a product with a 32-bit value stays inside int64 on every device
+_MIX_A, _MIX_B = 0x21F0AAAD, 0x735A2D97
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply, a bijection on [0, 2**32)): Python ints or int64 tensors."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_B) & _MASK32
+    return x ^ (x >> 15)
+
+
+def row_seed(*parts: int) -> int:
+    """One 32-bit seed from integers (e.g. run seed, prompt index, answer index); any sign or size."""
+    h = 0x243F6A88
+    for part in parts:
+        h = _mix32(h ^ _mix32(int(part) & _MASK32))
+    return h
+
+
+def seeded_uniform(seeds: torch.Tensor, step: int, width: int | None = None, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """Float32 uniforms in (0, 1), a pure function of (seed of the row, step, column).
+
+    ``width``: columns ``0 … width-1`` of every row, (b, width); or ``columns`` (b, k): those of each
+    row (the same column gives the same number either way). Counter-based: no generator state,
+    so a row's draws do not depend on which other rows share its batch, on the batch size or on
+    the device; integer arithmetic, so CPU and GPU agree bit for bit.
+    """
+    seeds = seeds.to(torch.long) & _MASK32
+    base = _mix32(_mix32(seeds) ^ _mix32((step + 1) & _MASK32))  # (b,)
+    if columns is None:
+        columns = torch.arange(width, device=seeds.device)[None, :]
+    bits = _mix32((base[:, None] + columns) & _MASK32)
+    return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def seeded_choice(probs: torch.Tensor, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """A token per row drawn from ``probs`` (b, V) with the row's own seed: ``argmax p / E``, E ~ Exp(1).
+
+    The exponential race picks index i with probability p_i, like ``multinomial``, but with
+    noise that belongs to the row (see :func:`seeded_uniform`).
+    """
+    exp = -torch.log(seeded_uniform(seeds, step, width=probs.shape[-1]))
+    return (probs.float() / exp).argmax(-1)
+
+
+def seeded_top_k_choice(logits: torch.Tensor, sampling: Sampling, seeds: torch.Tensor, step: int) -> torch.Tensor:
+    """:func:`seeded_choice` of ``sampling.probs(logits)`` for ``top_k > 0``, touching only the top k columns.
+
+    Top-p is applied within the k best tokens and the noise drawn for their token ids only, so
+    the token is the same as the full computation's (with float logits that tie at the k-th value,
+    this keeps exactly k of them where the full mask keeps every tie) at a fraction of its cost
+    (no sort and no noise over the whole vocabulary).
+    """
+    values, ids = logits.float().topk(min(sampling.top_k, logits.shape[-1]), dim=-1)  # descending
+    values = values / sampling.temperature
+    if sampling.top_p < 1:
+        probs = values.softmax(-1)
+        values = values.masked_fill(probs.cumsum(-1) - probs >= sampling.top_p, float("-inf"))
+    exp = -torch.log(seeded_uniform(seeds, step, columns=ids))
+    return ids.gather(-1, (values.softmax(-1) / exp).argmax(-1, keepdim=True)).squeeze(-1)
+
+
 # --- results ---------------------------------------------------------------------------------------
 
 
@@ -223,17 +290,44 @@ class PlainDecoder:
         sampling: Sampling = GREEDY,
         generator: torch.Generator | None = None,
         sync_every: int = 16,
+        row_seeds: torch.Tensor | list[int] | None = None,
+        suppress_tokens: list[int] | None = None,
     ) -> GenerationResult:
         """Finished rows stop moving (commit 0) but stay in the batch; the host checks every ``sync_every`` steps.
 
-        Greedy decoding runs :meth:`_greedy_graphed`; the loop below is the sampling path.
+        Greedy decoding runs :meth:`_greedy_graphed`; the loop below is the sampling path. When
+        sampling, ``row_seeds`` (one integer per row) gives every row its own random stream
+        (:func:`seeded_choice`) instead of ``generator``'s, so a row's tokens do not depend on the
+        rest of the batch; ``suppress_tokens`` are never sampled.
         """
         session = self.session
         rows = prompt_rows(input_ids, attention_mask)
         _check_lengths(rows, max_new_tokens, session, margin=2)
         device = session.device
         eos = torch.tensor(sorted(_id_set(eos_token_id)) or [-1], device=device)
-        token = sampling.choose(session.prefill(rows), generator)
+        if suppress_tokens is not None and not sampling.do_sample:
+            raise PipelineError("suppress_tokens applies to sampling only", fix="sample (do_sample) or drop suppress_tokens")
+        if row_seeds is not None:
+            row_seeds = torch.as_tensor(row_seeds, dtype=torch.long, device=device)
+            if row_seeds.shape != (len(rows),):
+                raise PipelineError(f"row_seeds has shape {tuple(row_seeds.shape)}; want one seed per row ({len(rows)})")
+        suppressed = None
+        if suppress_tokens:
+            vocab = session.model.config.vocab_size
+            suppressed = torch.zeros(vocab, dtype=torch.bool, device=device)
+            suppressed[torch.tensor(sorted({int(t) for t in suppress_tokens if 0 <= int(t) < vocab}), dtype=torch.long,
+                                    device=device)] = True
+
+        def choose(logits: torch.Tensor, step: int) -> torch.Tensor:
+            if suppressed is not None:
+                logits = logits.masked_fill(suppressed[: logits.shape[-1]], float("-inf"))
+            if row_seeds is None or not sampling.do_sample:
+                return sampling.choose(logits, generator)
+            if sampling.top_k:
+                return seeded_top_k_choice(logits, sampling, row_seeds, step)
+            return seeded_choice(sampling.probs(logits), row_seeds, step)
+
+        token = choose(session.prefill(rows), 0)
         clock = _DecodeClock(device)
         if not sampling.do_sample:
             return clock.stamp(self._greedy_graphed(token, eos, max_new_tokens, pad_token_id, sync_every))
@@ -249,7 +343,7 @@ class PlainDecoder:
                 break
             logits = session.extend(token[:, None])[:, -1]
             session.commit((~finished).long())
-            token = sampling.choose(logits, generator)
+            token = choose(logits, step + 1)
         return clock.stamp(GenerationResult(tokens, counts))
 
     def _greedy_graphed(self, token, eos, max_new_tokens, pad_token_id, sync_every):

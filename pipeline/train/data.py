@@ -110,16 +110,41 @@ def tokenize_conversation(tokenizer, messages: list[dict[str, str]]) -> TokenRow
     return TokenRow(tuple(ids), tuple(scored))
 
 
-def split_held_out(n: int, held_out: int | float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) conversation indices; the held-out set depends only on ``n`` and ``seed``."""
-    count = held_out if isinstance(held_out, int) else max(1, round(n * held_out))
-    if not 1 <= count < n:
+def split_held_out(n: int, held_out: int | float, seed: int, groups: list | None = None) -> tuple[list[int], list[int]]:
+    """(train, held-out) conversation indices; the held-out set depends only on ``n`` (the groups) and ``seed``.
+
+    ``groups`` gives each conversation a key (its prompt, see :func:`prompt_key`): a group is held
+    out or trained on as a whole, so the several answers the teacher gave to one prompt never
+    land on both sides (the held-out metrics would then score prompts the student trained on),
+    and ``held_out`` counts groups. With every key distinct the split is the ungrouped one.
+    """
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n:
+        raise PipelineError(f"{len(keys)} group keys for {n} conversations")
+    slot: dict = {}
+    members: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if key not in slot:
+            slot[key] = len(members)
+            members.append([])
+        members[slot[key]].append(i)
+    m = len(members)
+    unit = "conversations" if m == n else "prompts"
+    count = held_out if isinstance(held_out, int) else max(1, round(m * held_out))
+    if not 1 <= count < m:
         raise PipelineError(
-            f"held_out={held_out} leaves {n - count} of {n} conversations for training",
-            fix="use a held-out fraction in (0, 1) or a count between 1 and the number of conversations - 1",
+            f"held_out={held_out} leaves {m - count} of {m} {unit} for training",
+            fix=f"use a held-out fraction in (0, 1) or a count between 1 and the number of {unit} - 1",
         )
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[count:]), sorted(order[:count])
+    order = torch.randperm(m, generator=torch.Generator().manual_seed(seed)).tolist()
+    return (sorted(i for g in order[count:] for i in members[g]), sorted(i for g in order[:count] for i in members[g]))
+
+
+def prompt_key(messages: list[dict[str, str]]) -> str:
+    """What a pseudo-label conversation was asked: every message before the final answer (its grouping key)."""
+    import json
+
+    return json.dumps(messages[:-1], sort_keys=True, ensure_ascii=False)
 
 
 def padded_rows(rows: list[TokenRow], seq_len: int) -> list[TokenRow]:

@@ -36,7 +36,8 @@ import torch
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_directory, atomic_write_json
 from pipeline.train.data import (
-    TokenRow, collate, packed_rows, padded_rows, plan_steps, read_conversations, split_held_out, tokenize_conversation,
+    TokenRow, collate, packed_rows, padded_rows, plan_steps, prompt_key, read_conversations, split_held_out,
+    tokenize_conversation,
 )
 from pipeline.train.align import align_layers, capture, fit_output_scales
 from pipeline.train.evaluate import evaluate
@@ -105,7 +106,9 @@ def prepare_rows(tokenizer, conversations, params: DistillParams):
     real teacher at a CPU budget (50% hybrid, 40 steps) it did not help: held-out KL 5.74 against
     5.30 for answers only, and LAMBADA's last word no better recalled.
     """
-    train_ids, held_ids = split_held_out(len(conversations), params.held_out, params.seed)
+    # several answers to one prompt (pseudo_labels.answers_per_prompt) stay on one side of the split
+    train_ids, held_ids = split_held_out(len(conversations), params.held_out, params.seed,
+                                         groups=[prompt_key(c) for c in conversations])
     tokenized = [tokenize_conversation(tokenizer, c) for c in conversations]
     train = [tokenized[i] for i in train_ids]
     if params.loss_tokens == "all":

@@ -40,7 +40,7 @@ class DistillParams:
     pseudo_labels_dir: str = "data/pseudo_labels"
     models_dir: str = "models"  # writes models/distill_<ratio>/, resumes from models/.distill_<ratio>.resume/
     reports_dir: str = "reports"  # writes reports/metrics/distill_<ratio>.json and reports/plots/distill_<ratio>_*.png
-    held_out: int | float = 0.05  # a fraction of the conversations, or a count
+    held_out: int | float = 0.05  # a fraction of the prompts, or a count (all answers of a prompt on one side)
     seq_len: int = 256
     layout: str = "packing"
     micro_batch_size: int = 1
