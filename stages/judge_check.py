@@ -5,7 +5,8 @@ the paper's MT-Bench GPT-4 scores, given in params because they exist only in pr
 subset and reports Spearman/Kendall rank correlation. Writes ``data/eval/judge_check/*.json``
 and ``reports/metrics/judge_check.json``.
 
-Restarts from scratch after a kill: nothing is cached between runs, and the outputs are written
+Restarts from scratch after a kill: nothing is cached between runs (except an endpoint judge's
+replies, so a rerun does not ask again: see pipeline/eval/judge.py), and the outputs are written
 once both checks are done, the directory in one rename and then the metrics file, so a kill leaves
 no half-written output (one check's file of this run beside the other's of an older run included).
 """
@@ -24,7 +25,7 @@ METRICS_FILE = Path("reports/metrics/judge_check.json")
 def main(ctx: StageContext) -> None:
     from pipeline.eval import alpaca_eval, mt_bench
     from pipeline.eval.inputs import mirror_dir, stage_where
-    from pipeline.eval.judge import judge_spec, load_judge
+    from pipeline.eval.judge import judge_name, judge_spec, load_judge
 
     cfg, where = ctx.cfg, stage_where(ctx)
     mirror = mirror_dir(cfg, where)
@@ -32,7 +33,7 @@ def main(ctx: StageContext) -> None:
     seed = int(cfg.get("seed", 0))
     metrics: dict[str, float] = {}
     results: dict[str, dict] = {}
-    ctx.log_params({"judge": judge.get("path") or judge.get("model")})
+    ctx.log_params({"judge": judge_name(judge)})
 
     if cfg.get("alpaca_eval") is not None:
         spec = cfg["alpaca_eval"]

@@ -3,7 +3,8 @@
 Run as ``python -m stages.mt_bench --key <model>``. Writes ``data/eval/mt_bench/<model>/``
 (answers.json, judgments.json, summary.json) and ``reports/metrics/mt_bench_<model>.json``.
 
-Restarts from scratch after a kill: nothing is cached between runs, and the outputs are written
+Restarts from scratch after a kill: nothing is cached between runs (except an endpoint judge's
+replies, so a rerun does not ask again: see pipeline/eval/judge.py), and the outputs are written
 once the judge is done, the directory in one rename and then the metrics file, so a kill leaves no
 half-written output (a directory mixing this run's files with an older run's included).
 """
@@ -23,14 +24,14 @@ def main(ctx: StageContext) -> None:
     from pipeline.eval import mt_bench
     from pipeline.eval.generation import GenerationConfig
     from pipeline.eval.inputs import log_model, mirror_dir, model_dir, stage_where
-    from pipeline.eval.judge import judge_spec, load_judge
+    from pipeline.eval.judge import judge_name, judge_spec, load_judge
 
     cfg, where = ctx.cfg, stage_where(ctx)
     path = model_dir(cfg, ctx.key, where)
     mirror = mirror_dir(cfg, where)
     judge = judge_spec(ctx.params.get("judge") or {}, f"{ctx.params_path}:judge")
     gen = GenerationConfig.from_params(cfg.get("generation"))
-    log_model(ctx, ctx.key, {"mt_bench.limit": cfg.get("limit"), "judge": judge.get("path") or judge.get("model")})
+    log_model(ctx, ctx.key, {"mt_bench.limit": cfg.get("limit"), "judge": judge_name(judge)})
 
     questions = mt_bench.load_questions(mirror, cfg.get("limit"), int(cfg.get("seed", 0)))
     answers = mt_bench.generate_answers(path, questions, gen, name=ctx.key, dtype=str(cfg.get("dtype", "auto")))

@@ -3,7 +3,8 @@
 Grading follows FastChat's single-answer mode: ``single-v1`` for turn 1 and
 ``single-v1-multi-turn`` for turn 2, and the ``*-math-v1`` variants with GPT-4 reference
 answers for math, reasoning and coding. A judge reply without a parsable rating is a
-failure that is counted and listed in the summary, never scored as 0.
+failure that is counted and listed in the summary, never scored as 0; so is a reply the endpoint
+judge could not read (malformed, or a request the server rejected), with that reason.
 
 A local judge too small to write ``[[rating]]`` (the 135M teacher rarely does) can still rate:
 ``rating="free_text_then_forced"`` (the default) reads, for each failed judgment, the judge's
@@ -129,7 +130,8 @@ def grade(
         parsed = [(None, "not asked (forced rating)")] * len(conversations)
     else:
         replies = judge.complete(conversations, desc="mt_bench judge")
-        parsed = [parse_rating(reply) for reply in replies]
+        # a reply the endpoint judge could not read carries its reason (pipeline.eval.judge.FailedReply)
+        parsed = [(None, reply.failure) if getattr(reply, "failure", None) else parse_rating(reply) for reply in replies]
     forced: dict[int, dict[str, Any]] = {}
     if rating != "free_text":
         todo = [i for i, (score, _) in enumerate(parsed) if score is None]
