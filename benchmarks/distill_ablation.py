@@ -137,34 +137,51 @@ def run_meta(args) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Three panels: the 50% hybrid under each recipe (init → aligned → trained), its held-out
+    metrics against end-to-end tokens, and top-1 agreement along the progression per layer choice."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4.2))
     results = {n: r for n, r in results.items() if n != "meta"}
-    names = [n for n in results if not n.startswith("curve_") and "0.5" in results[n]["runs"]]
+    fig, (bars, curve, chain) = plt.subplots(1, 3, figsize=(16, 4.4))
+    names = [n for n in results if not n.startswith(("curve_", "chain_")) and "0.5" in results[n]["runs"]]
     for offset, when in enumerate(("init", "aligned", "trained")):
         values = [results[n]["runs"]["0.5"]["held_out"][when]["top1_agreement"] for n in names]
         bars.bar([i + 0.27 * (offset - 1) for i in range(len(names))], values, width=0.27, label=when)
-    bars.set_xticks(range(len(names)), names, rotation=20)
+    bars.set_xticks(range(len(names)), names)
+    bars.set_ylim(0, 1)
     bars.set_ylabel("held-out top-1 agreement with the teacher")
-    bars.set_title("50% hybrid, equal end-to-end tokens")
-    bars.legend()
+    bars.set_title("50% hybrid, equal tokens per recipe")
+    bars.legend(loc="upper left")
     points = sorted((r["runs"]["0.5"]["train_tokens"], r["runs"]["0.5"]["held_out"]["trained"]) for n, r in results.items()
-                    if n.startswith("curve_"))
+                    if n.startswith("curve_") or n == "align")
     if points:
-        curve.plot([p[0] for p in points], [p[1]["kl"] for p in points], "o-", label="KL")
+        curve.plot([p[0] for p in points], [p[1]["kl"] for p in points], "o-", label="KL (left axis)")
         curve.set_xscale("log")
+        curve.set_xticks([p[0] for p in points], [f"{p[0] / 1024:,.0f}k" for p in points])
+        curve.minorticks_off()
         curve.set_xlabel("end-to-end distillation tokens (after alignment)")
-        curve.set_ylabel("held-out KL(teacher || student)")
+        curve.set_ylabel("held-out KL(teacher || student), nats/token")
         twin = curve.twinx()
-        twin.plot([p[0] for p in points], [p[1]["top1_agreement"] for p in points], "s--", color="C1", label="top-1")
+        twin.plot([p[0] for p in points], [p[1]["top1_agreement"] for p in points], "s--", color="C1", label="top-1 (right axis)")
         twin.set_ylabel("top-1 agreement")
-        curve.set_title("50% hybrid: held-out metrics against tokens")
+        curve.set_title("50% hybrid against tokens")
+        curve.legend(loc="upper right")
+        twin.legend(loc="lower right")
+    for n, r in results.items():
+        if n.startswith("chain_"):
+            ratios = sorted(r["runs"], key=float)
+            chain.plot([float(x) for x in ratios], [r["runs"][x]["held_out"]["trained"]["top1_agreement"] for x in ratios],
+                       "o-", label=n.removeprefix("chain_") + " layer choice")
+    chain.set_xlabel("mamba ratio (progressive: each starts from the previous)")
+    chain.set_ylabel("held-out top-1 agreement (trained)")
+    chain.set_title("The progression 50 → 75 → 87.5%")
+    chain.set_ylim(0, 1)
+    chain.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 

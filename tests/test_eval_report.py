@@ -309,3 +309,22 @@ def test_long_context_rows_and_skipped_lengths(tmp_path):
     flat = json.loads((tmp_path / "reports" / "headline" / "gpu_0.5.json").read_text())
     assert flat["passkey_1024"] == 0.6 and flat["ppl_0-512"] == pytest.approx(20.0)
     assert "long-context recall" in next(line for line in page.splitlines() if line.startswith("- **GPU profile:**"))
+
+
+def test_studies_render_with_their_provenance(tmp_path):
+    """A study file under reports/studies/ becomes a section of the page naming device, commit, date and command."""
+    from pipeline.eval.studies import studies_markdown
+
+    assert studies_markdown(tmp_path) == []
+    held = {w: {"kl": kl, "top1_agreement": t} for w, kl, t in (("init", 1.5, 0.45), ("aligned", 0.3, 0.75), ("trained", 0.2, 0.8))}
+    run = {"held_out": held, "train_tokens": 1024, "align": {"tokens": 2048}, "throughput": {"tokens_per_s": 30000.0, "mfu": 0.04}}
+    study = {"tuned": {"meta": {"device": "NVIDIA H100", "commit": "abc1234", "date": "2026-12-08", "what": "the recipe",
+                                "argv": ["--tokens", "1024"]},
+                       "align": {"overrides": {}, "runs": {"0.5": run}}}}
+    folder = tmp_path / "reports" / "studies"
+    folder.mkdir(parents=True)
+    (folder / "distill_recipe.json").write_text(json.dumps(study))
+    text = "\n".join(studies_markdown(tmp_path))
+    assert "## Studies" in text and "NVIDIA H100, commit abc1234, 2026-12-08. The recipe." in text
+    assert "`python3 benchmarks/distill_ablation.py --tokens 1024`" in text
+    assert "| fit + layer alignment | 0.5 | 1,024 | 2,048 | 1.500 / 0.450 | 0.300 / 0.750 | 0.200 / 0.800 | 30,000 | 4.0% |" in text

@@ -951,7 +951,10 @@ def render(results: dict[str, dict[str, Any]], root: Path, min_spearman: float) 
             written_headlines.append(path)
     _remove_stale(plots_dir, written_plots, "*.png")
     _remove_stale(headline_dir, written_headlines, "*.json")
-    atomic_write_text(root / "RESULTS.md", results_markdown(results, min_spearman, plots))
+    from pipeline.eval.studies import studies_markdown
+
+    page = results_markdown(results, min_spearman, plots).rstrip("\n").split("\n") + studies_markdown(root)
+    atomic_write_text(root / "RESULTS.md", "\n".join(page).rstrip() + "\n")
     return {"plots": written_plots, "headlines": written_headlines, "page": root / "RESULTS.md"}
 
 
