@@ -32,8 +32,8 @@ class DistillParams:
     init_fit_tokens: int = 4_096  # tokens for the closed-form fit of each new mixer's output scale; 0: no fit
     align_loss: str = "relative_mse"  # layer alignment before the KL: relative_mse | mse | none
     align_tokens: int = 8_192  # token budget of the layer alignment (teacher-forced, new layers only)
-    align_batch_size: int = 8
-    align_lr: float = 1e-3
+    align_batch_size: int = 4  # rows per alignment step: many small steps beat few large ones (reports/studies)
+    align_lr: float = 2e-3
     align_trainable: str = "mixer"  # mixer | mixer_except_out_proj
     layer_choice: str = "even"
     teacher_dir: str = "models/teacher"
