@@ -32,7 +32,8 @@ def params_for(root: Path, out: str, checkpoint_every: int = 100):
     from tests.test_distill import make_params
 
     # sensitivity: under torchrun rank 0 scores the layers and broadcasts the scores (distill.build_student)
-    return make_params(root, out, max_steps=6, checkpoint_every=checkpoint_every, layer_choice="sensitivity", sensitivity_rows=4)
+    return make_params(root, out, max_steps=6, checkpoint_every=checkpoint_every, layer_choice="sensitivity", sensitivity_rows=4,
+                       align_loss="none")
 
 
 def worker(root: Path, out: str, kill_after: int | None) -> None:
