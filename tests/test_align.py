@@ -14,17 +14,9 @@ from pipeline.models.builder import build_hybrid
 from pipeline.train.align import align_layers, align_loss, capture, fit_output_scales
 from pipeline.train.data import TokenRow
 from pipeline.train.distill import distill_ratio, load_model, model_dir
-from tests.test_distill import build_teacher, make_params, write_pseudo_labels
+from tests.test_distill import make_params, workspace  # noqa: F401  (workspace: the tiny teacher and pseudo-labels)
 
 torch.set_num_threads(1)
-
-
-@pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("align")
-    build_teacher(root / "teacher")
-    write_pseudo_labels(root / "pseudo_labels")
-    return root
 
 
 @pytest.fixture(scope="module")
